@@ -1,0 +1,1 @@
+"""Exact, location-aware restaurant recommendations."""

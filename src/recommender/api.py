@@ -1,0 +1,200 @@
+"""The HTTP API: routes, parameter handling and error responses. Nothing else knows HTTP."""
+
+import json
+
+import orjson
+from fastapi import FastAPI, Path, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+
+from recommender.contract import (
+    MAX_USER_ID_LENGTH,
+    PARAMETERS,
+    ParameterError,
+    check_user_id,
+    parse_query,
+    render,
+)
+from recommender.features import StoreUnavailable
+from recommender.service import Recommender, UnknownUser
+
+MAX_BODY_BYTES = 16_384
+
+_RESPONSE_SCHEMA = {
+    "type": "object",
+    "required": ["restaurants"],
+    "properties": {
+        "restaurants": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["id", "difference", "displacement"],
+                "properties": {
+                    "id": {"type": "string"},
+                    "difference": {"type": "number", "minimum": 0},
+                    "displacement": {"type": "integer", "minimum": 0},
+                },
+            },
+        }
+    },
+}
+_ERROR_SCHEMA = {
+    "type": "object",
+    "required": ["detail"],
+    "properties": {"detail": {"type": "string"}, "parameter": {"type": "string"}},
+}
+_RESPONSES = {
+    200: {
+        "description": "Restaurants within max_dis, best first (possibly none).",
+        "content": {"application/json": {"schema": _RESPONSE_SCHEMA}},
+    },
+    404: {
+        "description": "Unknown user.",
+        "content": {"application/json": {"schema": _ERROR_SCHEMA}},
+    },
+    422: {
+        "description": "A parameter with a value that is not allowed.",
+        "content": {"application/json": {"schema": _ERROR_SCHEMA}},
+    },
+    503: {
+        "description": "The store is unavailable; retry later.",
+        "content": {"application/json": {"schema": _ERROR_SCHEMA}},
+    },
+}
+_BODY_DOC = {
+    "requestBody": {
+        "required": False,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "latitude": {"type": ["number", "string", "null"]},
+                        "longitude": {"type": ["number", "string", "null"]},
+                        "size": {"type": ["number", "string", "null"]},
+                        "max_dis": {"type": ["number", "string", "null"]},
+                        "sort_dis": {"type": ["number", "string", "null"]},
+                    },
+                }
+            }
+        },
+    }
+}
+
+UserId = Path(max_length=MAX_USER_ID_LENGTH, description="The user's id.")
+Latitude = Query(None, description="WGS-84 degrees, -90 to 90. Required.")
+Longitude = Query(None, description="WGS-84 degrees, -180 to 180. Required.")
+Size = Query(None, description="Restaurants to return at most, a whole number (default 20).")
+MaxDis = Query(None, description="Search radius in metres, positive (default 5000).")
+SortDis = Query(None, description="1: order by displacement; 0: by difference (default).")
+
+
+def create_app(recommender: Recommender) -> FastAPI:
+    """The FastAPI application answering from ``recommender``."""
+    app = FastAPI(
+        title="Restaurant recommendations",
+        description="Restaurants near a point, ranked by a pre-trained model's difference "
+        "between the user's features and each restaurant's embedding.",
+        version="1",
+    )
+
+    @app.get("/recommend/{user_id}", responses=_RESPONSES)
+    async def recommend(
+        request: Request,
+        user_id: str = UserId,
+        latitude: str | None = Latitude,
+        longitude: str | None = Longitude,
+        size: str | None = Size,
+        max_dis: str | None = MaxDis,
+        sort_dis: str | None = SortDis,
+    ) -> Response:
+        """Recommend restaurants for a user standing at (latitude, longitude)."""
+        return await _answer(recommender, user_id, _query_parameters(request))
+
+    @app.post("/recommend/{user_id}", responses=_RESPONSES, openapi_extra=_BODY_DOC)
+    async def recommend_post(
+        request: Request,
+        user_id: str = UserId,
+        latitude: str | None = Latitude,
+        longitude: str | None = Longitude,
+        size: str | None = Size,
+        max_dis: str | None = MaxDis,
+        sort_dis: str | None = SortDis,
+    ) -> Response:
+        """As GET, taking parameters from the query string or a JSON object body."""
+        body = await _body_parameters(request)
+        query = _query_parameters(request)
+        for name in PARAMETERS:
+            if name in body and name in query:
+                raise ParameterError(name, f"{name} is given in both the query and the body")
+        return await _answer(recommender, user_id, {**query, **body})
+
+    @app.get("/healthz")
+    async def healthz() -> dict:
+        """The process is alive."""
+        return {"status": "ok"}
+
+    @app.exception_handler(ParameterError)
+    async def parameter_error(request: Request, error: ParameterError) -> JSONResponse:
+        return JSONResponse(
+            {"detail": error.message, "parameter": error.parameter}, status_code=422
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+        first = error.errors()[0]
+        name = str(first["loc"][-1]) if first.get("loc") else "request"
+        return JSONResponse(
+            {"detail": f"{name}: {first.get('msg', 'invalid')}", "parameter": name},
+            status_code=422,
+        )
+
+    @app.exception_handler(StoreUnavailable)
+    async def store_unavailable(request: Request, error: StoreUnavailable) -> JSONResponse:
+        return JSONResponse(
+            {"detail": f"the feature store is unavailable: {error}"},
+            status_code=503,
+            headers={"Retry-After": "1"},
+        )
+
+    return app
+
+
+async def _answer(recommender: Recommender, user_id: str, raw: dict) -> Response:
+    check_user_id(user_id)
+    query = parse_query(raw, recommender.limits)
+    try:
+        ranking = await recommender.recommend(user_id, query)
+    except UnknownUser:
+        body = orjson.dumps({"detail": "unknown user", "user_id": user_id})
+        return Response(body, status_code=404, media_type="application/json")
+    return Response(render(ranking), media_type="application/json")
+
+
+def _query_parameters(request: Request) -> dict[str, str]:
+    parameters = {}
+    for name, value in request.query_params.multi_items():
+        if name not in PARAMETERS:
+            continue
+        if name in parameters:
+            raise ParameterError(name, f"{name} is given more than once")
+        parameters[name] = value
+    return parameters
+
+
+async def _body_parameters(request: Request) -> dict[str, object]:
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY_BYTES:
+            raise ParameterError("body", f"the body must be at most {MAX_BODY_BYTES} bytes")
+    if not body.strip():
+        return {}
+    try:
+        # The standard parser, unlike orjson, accepts the NaN that many clients send.
+        parsed = json.loads(body)
+    except (ValueError, RecursionError):
+        raise ParameterError("body", "the body must be a JSON object") from None
+    if not isinstance(parsed, dict):
+        raise ParameterError("body", "the body must be a JSON object")
+    return {name: parsed[name] for name in PARAMETERS if name in parsed}

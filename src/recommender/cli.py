@@ -1,0 +1,148 @@
+"""The ``recommender`` command: generate data, serve the API, or answer one request."""
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from recommender.contract import ParameterError, check_user_id, parse_query, render
+from recommender.dataset.reader import DataError
+from recommender.service import UnknownUser, load_recommender
+from recommender.settings import Settings
+
+log = logging.getLogger("recommender")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the process exit status."""
+    parser = _parser()
+    arguments = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        return arguments.run(arguments)
+    except (DataError, ValidationError) as error:
+        log.error("%s", error)
+        return 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="recommender", description=__doc__)
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    data = commands.add_parser("data", help="manage the data directory")
+    data_commands = data.add_subparsers(required=True, metavar="COMMAND")
+    generate = data_commands.add_parser("generate", help="write deterministic synthetic data")
+    generate.add_argument("--out", type=Path, default=Path("data"), help="default: data")
+    generate.add_argument("--users", type=int, default=100_000, help="default: 100000")
+    generate.add_argument("--restaurants", type=int, default=10_000, help="default: 10000")
+    generate.add_argument("--features", type=int, default=1000, help="default: 1000")
+    generate.add_argument("--requests", type=int, default=2000, help="default: 2000")
+    generate.add_argument("--seed", type=int, default=0, help="default: 0")
+    generate.set_defaults(run=_generate)
+
+    serve = commands.add_parser("serve", help="serve the HTTP API")
+    _add_data_options(serve)
+    serve.add_argument("--host", help="bind address (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="bind port (default 8000)")
+    serve.add_argument("--workers", type=int, help="worker processes (default 2)")
+    serve.set_defaults(run=_serve)
+
+    recommend = commands.add_parser("recommend", help="print the API's answer for one request")
+    _add_data_options(recommend)
+    recommend.add_argument("user_id")
+    recommend.add_argument("--latitude", required=True)
+    recommend.add_argument("--longitude", required=True)
+    recommend.add_argument("--size")
+    recommend.add_argument("--max-dis", dest="max_dis")
+    recommend.add_argument("--sort-dis", dest="sort_dis")
+    recommend.set_defaults(run=_recommend)
+    return parser
+
+
+def _add_data_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", type=Path, help="data directory (default: data)")
+    parser.add_argument("--ranker", choices=["fast", "exhaustive"], help="default: fast")
+
+
+def _settings(arguments: argparse.Namespace) -> Settings:
+    names = ("data_dir", "ranker", "host", "port", "workers")
+    given = {name: getattr(arguments, name, None) for name in names}
+    return Settings(**{name: value for name, value in given.items() if value is not None})
+
+
+def _generate(arguments: argparse.Namespace) -> int:
+    from recommender.dataset.generate import generate
+
+    started = time.perf_counter()
+    try:
+        generate(
+            arguments.out,
+            n_users=arguments.users,
+            n_restaurants=arguments.restaurants,
+            n_features=arguments.features,
+            n_requests=arguments.requests,
+            seed=arguments.seed,
+            progress=log.info,
+        )
+    except ValueError as error:
+        log.error("%s", error)
+        return 2
+    log.info("wrote %s in %.1f s", arguments.out, time.perf_counter() - started)
+    return 0
+
+
+def _serve(arguments: argparse.Namespace) -> int:
+    from recommender.server import serve
+
+    settings = _settings(arguments)
+    _generate_default_data_if_missing(settings)
+    recommender = load_recommender(settings, progress=log.info)
+    _log_loaded(recommender.report)
+    serve(recommender, settings)
+    return 0
+
+
+def _recommend(arguments: argparse.Namespace) -> int:
+    settings = _settings(arguments)
+    recommender = load_recommender(settings)
+    raw = {name: getattr(arguments, name) for name in ("latitude", "longitude", "size")}
+    raw.update(max_dis=arguments.max_dis, sort_dis=arguments.sort_dis)
+    try:
+        check_user_id(arguments.user_id)
+        query = parse_query(raw, recommender.limits)
+        ranking = asyncio.run(recommender.recommend(arguments.user_id, query))
+    except ParameterError as error:
+        log.error("%s", error.message)
+        return 2
+    except UnknownUser:
+        log.error("unknown user %r", arguments.user_id)
+        return 1
+    sys.stdout.write(render(ranking).decode() + "\n")
+    return 0
+
+
+def _generate_default_data_if_missing(settings: Settings) -> None:
+    if "data_dir" in settings.model_fields_set or settings.data_dir.exists():
+        return
+    log.info("no data directory at %s: generating the synthetic reference data", settings.data_dir)
+    from recommender.dataset.generate import generate
+
+    # Written aside and renamed into place: an interrupted run leaves no half-made directory.
+    partial = settings.data_dir.with_name(f".{settings.data_dir.name}.partial-{os.getpid()}")
+    generate(partial, progress=log.info)
+    os.replace(partial, settings.data_dir)
+
+
+def _log_loaded(report) -> None:
+    log.info("%s", report.summary())
+    for skipped in report.skipped:
+        log.warning("%s", skipped)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The data directory: its files, how they are read and validated, and a synthetic generator."""

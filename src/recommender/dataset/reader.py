@@ -1,0 +1,252 @@
+"""Reading and validating the data directory: restaurants and user features."""
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+RESTAURANT_COLUMNS = ("restaurant_id", "index", "latitude", "longitude")
+EXAMPLES_SHOWN = 5
+
+
+class DataError(ValueError):
+    """A data file that cannot be used as a whole (missing, wrong schema, wrong shape)."""
+
+
+@dataclass
+class Skipped:
+    """Rows left out of a data file for one reason, with a few of their identifiers."""
+
+    file: str
+    reason: str
+    count: int = 0
+    examples: list[str] = field(default_factory=list)
+
+    def add(self, identifiers: list[str]) -> None:
+        """Count ``identifiers`` as skipped and keep the first few as examples."""
+        self.count += len(identifiers)
+        room = EXAMPLES_SHOWN - len(self.examples)
+        self.examples.extend(identifiers[:room])
+
+    def __str__(self) -> str:
+        shown = ", ".join(self.examples)
+        more = "" if self.count <= len(self.examples) else ", ..."
+        return f"{self.file}: skipped {self.count} rows ({self.reason}): {shown}{more}"
+
+
+@dataclass(frozen=True)
+class RestaurantTable:
+    """Restaurants that passed validation.
+
+    Attributes
+    ----------
+    ids : ndarray of shape (n_restaurants,), dtype object (str)
+    rows : ndarray of shape (n_restaurants,), dtype int64
+        The restaurant's row in the model's embeddings.
+    latitude, longitude : ndarray of shape (n_restaurants,), dtype float64
+        WGS-84 degrees.
+    """
+
+    ids: np.ndarray
+    rows: np.ndarray
+    latitude: np.ndarray
+    longitude: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def read_restaurants(path: Path, n_model_rows: int) -> tuple[RestaurantTable, list[Skipped]]:
+    """Read ``restaurant.parquet``, skipping rows that cannot be served.
+
+    Coordinates may be stored as numbers or as strings. Rows whose coordinates do not parse
+    or lie outside [-90, 90] x [-180, 180], whose ``index`` is not a row of the model
+    (``0 <= index < n_model_rows``), whose id is missing, or whose id repeats an earlier row
+    are skipped and reported.
+    """
+    table = _read_table(path, RESTAURANT_COLUMNS)
+    ids = np.array(_as_strings(table.column("restaurant_id")), dtype=object)
+    rows = _as_row_numbers(table.column("index"))
+    latitude = _as_floats(table.column("latitude"))
+    longitude = _as_floats(table.column("longitude"))
+
+    missing_id = np.array([value is None for value in ids], dtype=bool)
+    bad_coordinates = ~(
+        np.isfinite(latitude)
+        & np.isfinite(longitude)
+        & (np.abs(latitude) <= 90)
+        & (np.abs(longitude) <= 180)
+    )
+    bad_row = ~((rows >= 0) & (rows < n_model_rows))
+    duplicate = _repeats(ids)
+
+    checks = [
+        (missing_id, "restaurant_id is missing"),
+        (bad_coordinates, "latitude/longitude missing, not a number or out of range"),
+        (bad_row, f"index is not a row of the model (0..{n_model_rows - 1})"),
+        (duplicate & ~missing_id, "restaurant_id repeats an earlier row"),
+    ]
+    keep = np.ones(len(ids), dtype=bool)
+    skipped = []
+    for bad, reason in checks:
+        bad = bad & keep
+        if bad.any():
+            report = Skipped(path.name, reason)
+            report.add([_describe_row(ids, position) for position in np.flatnonzero(bad)])
+            skipped.append(report)
+            keep &= ~bad
+
+    restaurants = RestaurantTable(
+        ids=ids[keep],
+        rows=rows[keep].astype(np.int64),
+        latitude=latitude[keep],
+        longitude=longitude[keep],
+    )
+    return restaurants, skipped
+
+
+@dataclass(frozen=True)
+class UserBatch:
+    """A slice of ``user.parquet``: ids and their features, before any row is checked.
+
+    ``features`` has shape (n_rows, n_features) and the file's float dtype; missing values
+    are NaN.
+    """
+
+    ids: list[str | None]
+    features: np.ndarray
+
+
+def user_feature_dtype(path: Path, n_features: int) -> np.dtype:
+    """The dtype prepared features keep: float32 if every feature column is, else float64."""
+    schema = _user_schema(path, n_features)
+    types = {schema.field(name).type for name in feature_columns(n_features)}
+    return np.dtype(np.float32) if types == {pa.float32()} else np.dtype(np.float64)
+
+
+def count_rows(path: Path) -> int:
+    """Number of rows in a Parquet file (from its metadata, without reading the rows)."""
+    _read_schema(path)
+    return pq.ParquetFile(path).metadata.num_rows
+
+
+def iter_user_batches(path: Path, n_features: int, batch_size: int = 8192) -> Iterator[UserBatch]:
+    """Stream ``user.parquet`` in batches of at most ``batch_size`` rows.
+
+    Raises
+    ------
+    DataError
+        If the file is missing, has no ``user_id`` column, or its feature columns are not
+        exactly ``feature_0`` .. ``feature_{n_features - 1}`` of a numeric type.
+    """
+    _user_schema(path, n_features)
+    dtype = user_feature_dtype(path, n_features)
+    columns = ["user_id", *feature_columns(n_features)]
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_size, columns=columns):
+        ids = _as_strings(batch.column(0))
+        features = batch.drop_columns(["user_id"]).to_tensor(null_to_nan=True, row_major=True)
+        yield UserBatch(ids=ids, features=np.asarray(features).astype(dtype, copy=False))
+
+
+def feature_columns(n_features: int) -> list[str]:
+    """The names ``feature_0`` .. ``feature_{n_features - 1}``."""
+    return [f"feature_{i}" for i in range(n_features)]
+
+
+def _user_schema(path: Path, n_features: int) -> pa.Schema:
+    schema = _read_schema(path)
+    if "user_id" not in schema.names:
+        raise DataError(f"{path}: no user_id column; found {_preview(schema.names)}")
+
+    present = [name for name in schema.names if name.startswith("feature_")]
+    expected = feature_columns(n_features)
+    if sorted(present) != sorted(expected):
+        raise DataError(
+            f"{path}: has {len(present)} feature columns but the model expects {n_features} "
+            f"(feature_0 .. feature_{n_features - 1})"
+        )
+    not_numeric = [
+        name
+        for name in expected
+        if not (
+            pa.types.is_floating(schema.field(name).type)
+            or pa.types.is_integer(schema.field(name).type)
+        )
+    ]
+    if not_numeric:
+        raise DataError(
+            f"{path}: feature columns must be numeric; not numeric: {_preview(not_numeric)}"
+        )
+    return schema
+
+
+def _read_schema(path: Path) -> pa.Schema:
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    try:
+        return pq.read_schema(path)
+    except (pa.ArrowInvalid, OSError) as error:
+        raise DataError(f"{path}: not a readable Parquet file ({error})") from error
+
+
+def _read_table(path: Path, columns: tuple[str, ...]) -> pa.Table:
+    schema = _read_schema(path)
+    missing = [name for name in columns if name not in schema.names]
+    if missing:
+        raise DataError(
+            f"{path}: missing columns {missing}; expected {list(columns)}, found {_preview(schema.names)}"
+        )
+    return pq.read_table(path, columns=list(columns))
+
+
+def _as_strings(column: pa.ChunkedArray | pa.Array) -> list[str | None]:
+    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+        column = column.cast(pa.string())
+    return column.to_pylist()
+
+
+def _as_floats(column: pa.ChunkedArray) -> np.ndarray:
+    if pa.types.is_floating(column.type) or pa.types.is_integer(column.type):
+        return column.cast(pa.float64()).fill_null(math.nan).to_numpy()
+    return np.array([_parse_float(value) for value in _as_strings(column)], dtype=np.float64)
+
+
+def _parse_float(value: str | None) -> float:
+    if value is None:
+        return math.nan
+    try:
+        return float(value)
+    except ValueError:
+        return math.nan
+
+
+def _as_row_numbers(column: pa.ChunkedArray) -> np.ndarray:
+    values = _as_floats(column)
+    integral = np.isfinite(values) & (values == np.floor(values))
+    return np.where(integral, values, -1).astype(np.int64)
+
+
+def _repeats(ids: np.ndarray) -> np.ndarray:
+    seen: set[str] = set()
+    repeated = np.zeros(len(ids), dtype=bool)
+    for position, identifier in enumerate(ids):
+        if identifier is None:
+            continue
+        if identifier in seen:
+            repeated[position] = True
+        seen.add(identifier)
+    return repeated
+
+
+def _describe_row(ids: np.ndarray, position: int) -> str:
+    identifier = ids[position]
+    return f"row {position}" if identifier is None else f"{identifier!r} (row {position})"
+
+
+def _preview(names: list[str]) -> str:
+    shown = ", ".join(names[:EXAMPLES_SHOWN])
+    return shown + (", ..." if len(names) > EXAMPLES_SHOWN else "")

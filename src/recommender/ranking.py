@@ -1,0 +1,274 @@
+"""Exact ranking of the restaurants near a user by the model's difference.
+
+Two rankers give the same answers. ``FastRanker`` asks the spatial index for the candidates
+and measures differences on those alone. ``ExhaustiveRanker`` is the reference: the model's
+own ``kneighbors`` over every restaurant, then the geodesic filter, sort and cut.
+
+The order of an answer: by difference (or, with ``sort_by_displacement``, by displacement
+rounded to whole metres), ties broken on the other key, then on the restaurant id.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+from sklearn.metrics import pairwise_distances
+
+from recommender.geo import SpatialIndex, arc_upper_bound, geodesic_distance
+from recommender.model import TasteModel
+
+
+@dataclass(frozen=True)
+class Query:
+    """Where the user stands and what they asked for (already validated).
+
+    ``latitude`` and ``longitude`` in WGS-84 degrees, ``max_dis`` in metres.
+    """
+
+    latitude: float
+    longitude: float
+    size: int
+    max_dis: float
+    sort_by_displacement: bool
+
+
+@dataclass(frozen=True)
+class Ranking:
+    """An answer, best first.
+
+    Attributes
+    ----------
+    ids : list of str, length n_returned
+    difference : ndarray of shape (n_returned,), float64
+        The model's distance between the user features and each restaurant embedding.
+    displacement : ndarray of shape (n_returned,), int64
+        Geodesic distance in whole metres.
+    n_candidates : int
+        Restaurants within ``max_dis``.
+    """
+
+    ids: list[str]
+    difference: np.ndarray
+    displacement: np.ndarray
+    n_candidates: int
+
+
+class Catalog:
+    """Restaurants in spatial order, with their embeddings laid out in the same order.
+
+    Parameters
+    ----------
+    ids : ndarray of shape (n_restaurants,), dtype object (str)
+    rows : ndarray of shape (n_restaurants,), dtype int64
+        Each restaurant's row in the model.
+    latitude, longitude : ndarray of shape (n_restaurants,), WGS-84 degrees
+    model : TasteModel
+    """
+
+    def __init__(
+        self,
+        ids: np.ndarray,
+        rows: np.ndarray,
+        latitude: np.ndarray,
+        longitude: np.ndarray,
+        model: TasteModel,
+    ) -> None:
+        self.index = SpatialIndex(latitude, longitude)
+        order = self.index.order
+        self.ids = np.asarray(ids, dtype=object)[order]
+        self.rows = np.asarray(rows, dtype=np.int64)[order]
+        self.id_rank = np.argsort(np.argsort(self.ids, kind="stable"), kind="stable")
+        self.model = model
+        # Contiguous rows in spatial order: nearby restaurants sit together in memory.
+        self.embeddings = np.ascontiguousarray(model.embeddings[self.rows])
+        self.embeddings.setflags(write=False)
+        self.difference = Difference(model, self.embeddings)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def answer(
+        self,
+        positions: np.ndarray,
+        difference: np.ndarray,
+        displacement: np.ndarray,
+        query: Query,
+        n_candidates: int,
+    ) -> Ranking:
+        """Order the given rows as the answer orders them and cut to ``query.size``."""
+        rounded = np.rint(displacement).astype(np.int64)
+        if query.sort_by_displacement:
+            order = np.lexsort((self.id_rank[positions], difference, rounded))
+        else:
+            order = np.lexsort((self.id_rank[positions], rounded, difference))
+        order = order[: query.size]
+        return Ranking(
+            ids=self.ids[positions[order]].tolist(),
+            difference=difference[order],
+            displacement=rounded[order],
+            n_candidates=n_candidates,
+        )
+
+
+class Difference:
+    """The model's metric between one user's features and many restaurant embeddings.
+
+    Common metrics are computed directly; any other goes through scikit-learn's
+    ``pairwise_distances`` with the model's metric and parameters.
+    """
+
+    def __init__(self, model: TasteModel, embeddings: np.ndarray) -> None:
+        self.metric = model.metric
+        self.params = model.metric_params
+        self.embeddings = embeddings
+        self._kernel = _kernel_for(self.metric, self.params)
+        self._cosine_norms = None
+        if self.metric == "cosine" and not self.params:
+            norms = np.linalg.norm(embeddings, axis=1)
+            # As scikit-learn does, a zero vector is left as it is rather than normalised.
+            self._cosine_norms = np.where(norms == 0, 1.0, norms)
+
+    def __call__(self, user: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """Differences, shape (len(positions),), float64, for ``user`` of shape (n_features,)."""
+        if self._cosine_norms is not None:
+            return self._cosine(user, positions)
+        block = self.embeddings[positions]
+        if self._kernel is not None:
+            return self._kernel(block, user)
+        return pairwise_distances(user[np.newaxis, :], block, metric=self.metric, **self.params)[0]
+
+    def _cosine(self, user: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        user_norm = np.linalg.norm(user) or 1.0
+        similarity = (self.embeddings[positions] @ user) / (
+            self._cosine_norms[positions] * user_norm
+        )
+        return np.clip(1.0 - similarity, 0.0, 2.0)
+
+
+def _euclidean(block: np.ndarray, user: np.ndarray) -> np.ndarray:
+    block -= user
+    return np.sqrt(np.einsum("ij,ij->i", block, block))
+
+
+def _squared_euclidean(block: np.ndarray, user: np.ndarray) -> np.ndarray:
+    block -= user
+    return np.einsum("ij,ij->i", block, block)
+
+
+def _manhattan(block: np.ndarray, user: np.ndarray) -> np.ndarray:
+    block -= user
+    return np.abs(block).sum(axis=1)
+
+
+def _chebyshev(block: np.ndarray, user: np.ndarray) -> np.ndarray:
+    block -= user
+    return np.abs(block).max(axis=1)
+
+
+def _minkowski(p: float):
+    if p == 1:
+        return _manhattan
+    if p == 2:
+        return _euclidean
+    if np.isinf(p):
+        return _chebyshev
+
+    def minkowski(block: np.ndarray, user: np.ndarray) -> np.ndarray:
+        block -= user
+        return (np.abs(block) ** p).sum(axis=1) ** (1 / p)
+
+    return minkowski
+
+
+_DIRECT_METRICS = {
+    "euclidean": _euclidean,
+    "l2": _euclidean,
+    "sqeuclidean": _squared_euclidean,
+    "manhattan": _manhattan,
+    "cityblock": _manhattan,
+    "l1": _manhattan,
+    "chebyshev": _chebyshev,
+    "infinity": _chebyshev,
+}
+
+
+def _kernel_for(metric, params: dict):
+    """A direct implementation of the metric, or None to defer to scikit-learn."""
+    if not isinstance(metric, str):
+        return None
+    if not params:
+        return _DIRECT_METRICS.get(metric)
+    if metric == "minkowski" and set(params) == {"p"}:
+        return _minkowski(float(params["p"]))
+    return None
+
+
+class FastRanker:
+    """Differences measured on the candidates within the radius only."""
+
+    def __init__(self, catalog: Catalog) -> None:
+        self.catalog = catalog
+
+    def rank(self, user: np.ndarray, query: Query) -> Ranking:
+        """The answer for ``user`` (shape (n_features,), float64) and ``query``."""
+        catalog = self.catalog
+        candidates = catalog.index.within(query.latitude, query.longitude, query.max_dis)
+        positions, chord = candidates.positions, candidates.chord
+        n_candidates = len(positions)
+        if query.sort_by_displacement:
+            positions = positions[_nearest_possible(chord, query.size)]
+            difference = catalog.difference(user, positions)
+        else:
+            difference = catalog.difference(user, positions)
+            best = _smallest_with_ties(difference, query.size)
+            positions, difference = positions[best], difference[best]
+        displacement = catalog.index.displacement(query.latitude, query.longitude, positions)
+        return catalog.answer(positions, difference, displacement, query, n_candidates)
+
+
+def _smallest_with_ties(values: np.ndarray, size: int) -> np.ndarray:
+    """Indices of the ``size`` smallest values and of every value tied with the last of them."""
+    if len(values) <= size:
+        return np.arange(len(values))
+    kth = np.partition(values, size - 1)[size - 1]
+    return np.flatnonzero(values <= kth)
+
+
+def _nearest_possible(chord: np.ndarray, size: int) -> np.ndarray:
+    """Indices of every row that can be among the ``size`` nearest by rounded displacement.
+
+    At least ``size`` rows lie within ``bound`` metres; a row whose chord, a lower bound of
+    its displacement, exceeds ``bound + 1`` rounds to a larger whole metre than all of them.
+    """
+    if len(chord) <= size:
+        return np.arange(len(chord))
+    bound = np.partition(arc_upper_bound(chord), size - 1)[size - 1]
+    return np.flatnonzero(chord <= bound + 1.0)
+
+
+class ExhaustiveRanker:
+    """The reference: the model's ``kneighbors`` over every restaurant, then the radius."""
+
+    def __init__(self, catalog: Catalog) -> None:
+        self.catalog = catalog
+
+    def rank(self, user: np.ndarray, query: Query) -> Ranking:
+        """The answer for ``user`` (shape (n_features,), float64) and ``query``."""
+        catalog = self.catalog
+        model = catalog.model
+        distances, rows = model.estimator.kneighbors(
+            user[np.newaxis, :], n_neighbors=model.n_rows, return_distance=True
+        )
+        difference_by_row = np.empty(model.n_rows, dtype=np.float64)
+        difference_by_row[rows[0]] = distances[0]
+
+        displacement = geodesic_distance(
+            query.latitude, query.longitude, catalog.index.latitude, catalog.index.longitude
+        )
+        positions = np.flatnonzero(displacement <= query.max_dis)
+        return catalog.answer(
+            positions,
+            difference_by_row[catalog.rows[positions]],
+            displacement[positions],
+            query,
+            len(positions),
+        )
