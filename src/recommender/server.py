@@ -40,6 +40,7 @@ class Server(BaseApplication):
             "keepalive": 5,
             "loglevel": settings.log_level,
             "post_fork": _limit_blas_threads,
+            "control_socket_disable": True,
         }
         for key, value in options.items():
             self.cfg.set(key, value)
