@@ -18,8 +18,9 @@ import numpy as np
 from recommender.dataset.reader import (
     DataError,
     Skipped,
+    UserChecks,
     count_rows,
-    iter_user_batches,
+    iter_valid_users,
     user_feature_dtype,
 )
 
@@ -106,29 +107,10 @@ def _prepare(
         prepared_dir / features_name, mode="w+", dtype=dtype, shape=(n_rows, n_features)
     )
     ids: list[str] = []
-    seen: set[str] = set()
-    missing = Skipped(source.name, "user_id is missing")
-    not_finite = Skipped(source.name, "features missing or not finite")
-    repeated = Skipped(source.name, "user_id repeats an earlier row")
-    read = 0
-    for batch in iter_user_batches(source, n_features):
-        finite = np.isfinite(batch.features).all(axis=1)
-        keep = np.zeros(len(batch.ids), dtype=bool)
-        for position, identifier in enumerate(batch.ids):
-            row = read + position
-            if identifier is None:
-                missing.add([f"row {row}"])
-            elif not finite[position]:
-                not_finite.add([f"{identifier!r} (row {row})"])
-            elif identifier in seen:
-                repeated.add([f"{identifier!r} (row {row})"])
-            else:
-                keep[position] = True
-                ids.append(identifier)
-                seen.add(identifier)
-        kept = int(keep.sum())
-        matrix[len(ids) - kept : len(ids)] = batch.features[keep]
-        read += len(batch.ids)
+    checks = UserChecks(source.name)
+    for batch, read in iter_valid_users(source, n_features, checks):
+        matrix[len(ids) : len(ids) + len(batch.ids)] = batch.features
+        ids.extend(batch.ids)
         if progress is not None:
             progress(f"prepared {read}/{n_rows} users")
 
@@ -136,7 +118,7 @@ def _prepare(
     del matrix
     np.save(prepared_dir / ids_name, np.array(ids, dtype=str))
 
-    skipped = [report for report in (missing, not_finite, repeated) if report.count]
+    skipped = checks.reports()
     manifest = {
         "signature": signature,
         "features": features_name,

@@ -152,6 +152,55 @@ def iter_user_batches(path: Path, n_features: int, batch_size: int = 8192) -> It
         yield UserBatch(ids=ids, features=np.asarray(features).astype(dtype, copy=False))
 
 
+@dataclass
+class UserChecks:
+    """User rows left out while streaming ``user.parquet``, by reason."""
+
+    file: str
+    missing_id: Skipped = field(init=False)
+    not_finite: Skipped = field(init=False)
+    repeated_id: Skipped = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.missing_id = Skipped(self.file, "user_id is missing")
+        self.not_finite = Skipped(self.file, "features missing or not finite")
+        self.repeated_id = Skipped(self.file, "user_id repeats an earlier row")
+
+    def reports(self) -> list[Skipped]:
+        """The reasons that skipped at least one row."""
+        return [r for r in (self.missing_id, self.not_finite, self.repeated_id) if r.count]
+
+
+def iter_valid_users(
+    path: Path, n_features: int, checks: UserChecks, batch_size: int = 8192
+) -> Iterator[tuple[UserBatch, int]]:
+    """Stream the rows of ``user.parquet`` that can be served, with the rows read so far.
+
+    Rows with a missing id, a missing or non-finite feature, or an id repeating an earlier
+    row are left out and counted in ``checks``.
+    """
+    seen: set[str] = set()
+    read = 0
+    for batch in iter_user_batches(path, n_features, batch_size):
+        finite = np.isfinite(batch.features).all(axis=1)
+        keep = np.zeros(len(batch.ids), dtype=bool)
+        kept_ids = []
+        for position, identifier in enumerate(batch.ids):
+            row = read + position
+            if identifier is None:
+                checks.missing_id.add([f"row {row}"])
+            elif not finite[position]:
+                checks.not_finite.add([f"{identifier!r} (row {row})"])
+            elif identifier in seen:
+                checks.repeated_id.add([f"{identifier!r} (row {row})"])
+            else:
+                keep[position] = True
+                kept_ids.append(identifier)
+                seen.add(identifier)
+        read += len(batch.ids)
+        yield UserBatch(ids=kept_ids, features=batch.features[keep]), read
+
+
 def feature_columns(n_features: int) -> list[str]:
     """The names ``feature_0`` .. ``feature_{n_features - 1}``."""
     return [f"feature_{i}" for i in range(n_features)]
@@ -198,7 +247,8 @@ def _read_table(path: Path, columns: tuple[str, ...]) -> pa.Table:
     missing = [name for name in columns if name not in schema.names]
     if missing:
         raise DataError(
-            f"{path}: missing columns {missing}; expected {list(columns)}, found {_preview(schema.names)}"
+            f"{path}: missing columns {missing}; expected {list(columns)}, "
+            f"found {_preview(schema.names)}"
         )
     return pq.read_table(path, columns=list(columns))
 
