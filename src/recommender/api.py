@@ -1,6 +1,8 @@
 """The HTTP API: routes, parameter handling and error responses. Nothing else knows HTTP."""
 
+import contextlib
 import json
+from collections.abc import AsyncIterator
 
 import orjson
 from fastapi import FastAPI, Path, Query, Request
@@ -91,7 +93,18 @@ SortDis = Query(None, description="1: order by displacement; 0: by difference (d
 
 def create_app(recommender: Recommender) -> FastAPI:
     """The FastAPI application answering from ``recommender``."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Connections belong to the worker process, so they are opened after the fork.
+        await recommender.store.open()
+        try:
+            yield
+        finally:
+            await recommender.store.close()
+
     app = FastAPI(
+        lifespan=lifespan,
         title="Restaurant recommendations",
         description="Restaurants near a point, ranked by a pre-trained model's difference "
         "between the user's features and each restaurant's embedding.",

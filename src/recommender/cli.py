@@ -12,7 +12,9 @@ from pydantic import ValidationError
 
 from recommender.contract import ParameterError, check_user_id, parse_query, render
 from recommender.dataset.reader import DataError
-from recommender.service import UnknownUser, load_recommender
+from recommender.features import StoreUnavailable
+from recommender.ranking import Query, Ranking
+from recommender.service import Recommender, UnknownUser, load_recommender
 from recommender.settings import Settings
 
 log = logging.getLogger("recommender")
@@ -61,16 +63,32 @@ def _parser() -> argparse.ArgumentParser:
     recommend.add_argument("--max-dis", dest="max_dis")
     recommend.add_argument("--sort-dis", dest="sort_dis")
     recommend.set_defaults(run=_recommend)
+
+    database = commands.add_parser("db", help="manage the PostgreSQL store")
+    database_commands = database.add_subparsers(required=True, metavar="COMMAND")
+    load = database_commands.add_parser(
+        "load", help="create the schema and bulk-load users and restaurants"
+    )
+    load.add_argument("--data-dir", type=Path, help="data directory (default: data)")
+    load.add_argument(
+        "--database-url",
+        help="postgresql://user:password@host:port/database "
+        "(default: RECOMMENDER_STORE, else RECOMMENDER_DATABASE_URL)",
+    )
+    load.set_defaults(run=_load_database)
     return parser
 
 
 def _add_data_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", type=Path, help="data directory (default: data)")
     parser.add_argument("--ranker", choices=["fast", "exhaustive"], help="default: fast")
+    parser.add_argument(
+        "--store", help="embedded (default) or postgresql://user:password@host:port/database"
+    )
 
 
 def _settings(arguments: argparse.Namespace) -> Settings:
-    names = ("data_dir", "ranker", "host", "port", "workers")
+    names = ("data_dir", "ranker", "store", "host", "port", "workers")
     given = {name: getattr(arguments, name, None) for name in names}
     return Settings(**{name: value for name, value in given.items() if value is not None})
 
@@ -115,14 +133,46 @@ def _recommend(arguments: argparse.Namespace) -> int:
     try:
         check_user_id(arguments.user_id)
         query = parse_query(raw, recommender.limits)
-        ranking = asyncio.run(recommender.recommend(arguments.user_id, query))
+        ranking = asyncio.run(_recommend_once(recommender, arguments.user_id, query))
     except ParameterError as error:
         log.error("%s", error.message)
         return 2
     except UnknownUser:
         log.error("unknown user %r", arguments.user_id)
         return 1
+    except StoreUnavailable as error:
+        log.error("%s", error)
+        return 3
     sys.stdout.write(render(ranking).decode() + "\n")
+    return 0
+
+
+async def _recommend_once(recommender: Recommender, user_id: str, query: Query) -> Ranking:
+    await recommender.store.open()
+    try:
+        return await recommender.recommend(user_id, query)
+    finally:
+        await recommender.store.close()
+
+
+def _load_database(arguments: argparse.Namespace) -> int:
+    from recommender.postgres.load import load_database
+
+    settings = _settings(arguments)
+    url = arguments.database_url or settings.database_url
+    if url is None:
+        log.error("name the database: --database-url postgresql://user@host:port/database")
+        return 2
+    summary = load_database(settings.data_dir, url, progress=log.info)
+    for skipped in summary.skipped:
+        log.warning("%s", skipped)
+    log.info(
+        "loaded %d users and %d restaurants (%d features) in %.1f s",
+        summary.n_users,
+        summary.n_restaurants,
+        summary.n_features,
+        summary.seconds,
+    )
     return 0
 
 

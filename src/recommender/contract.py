@@ -17,7 +17,7 @@ from recommender.ranking import Query, Ranking
 PARAMETERS = ("latitude", "longitude", "size", "max_dis", "sort_dis")
 MAX_VALUE_LENGTH = 64
 MAX_USER_ID_LENGTH = 256
-_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+_NUMBER = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
 _NOT_GIVEN = re.compile(r"[+-]?nan", re.IGNORECASE)
 
 
@@ -131,9 +131,19 @@ def _number(raw: Mapping[str, object], name: str, rule: str) -> float | None:
     return number
 
 
+def _means_not_given(value: object) -> bool:
+    if value is None:
+        return True
+    if isinstance(value, float):
+        return math.isnan(value)
+    return isinstance(value, str) and (
+        not value.strip() or bool(_NOT_GIVEN.fullmatch(value.strip()))
+    )
+
+
 def _refuse(raw: Mapping[str, object], name: str, rule: str):
     value = raw.get(name)
-    if value is None or (isinstance(value, str) and not value.strip()):
+    if _means_not_given(value):
         raise ParameterError(name, f"{name} is required: {rule}")
     shown = value if not isinstance(value, str) else value[:MAX_VALUE_LENGTH]
     raise ParameterError(name, f"{name} must be {rule}; got {shown!r}")

@@ -60,6 +60,15 @@ class Candidates:
     n_scanned: int
 
 
+def fine_cells(latitude: np.ndarray, longitude: np.ndarray) -> np.ndarray:
+    """The H3 cell of each point at the index's resolution, shape (n,), dtype uint64."""
+    cells = [
+        h3.latlng_to_cell(lat, lon, FINE_RESOLUTION)
+        for lat, lon in zip(latitude.tolist(), longitude.tolist(), strict=True)
+    ]
+    return np.array(cells, dtype=np.uint64)
+
+
 def to_ecef(latitude: np.ndarray, longitude: np.ndarray) -> np.ndarray:
     """Earth-centred coordinates in metres, shape (n, 3), of points on the ellipsoid."""
     x, y, z = _TO_ECEF.transform(longitude, latitude, np.zeros_like(latitude))
@@ -95,6 +104,10 @@ class SpatialIndex:
     ----------
     latitude, longitude : ndarray of shape (n_restaurants,)
         WGS-84 degrees.
+    tie_break : ndarray of shape (n_restaurants,), optional
+        Sort key for points in the same fine cell.
+    cells : ndarray of shape (n_restaurants,), optional
+        The points' H3 cells at ``FINE_RESOLUTION``, when already known.
 
     Attributes
     ----------
@@ -103,12 +116,16 @@ class SpatialIndex:
         index, and every position it returns, follows this order.
     """
 
-    def __init__(self, latitude: np.ndarray, longitude: np.ndarray) -> None:
-        fine = np.array(
-            [h3.latlng_to_cell(lat, lon, FINE_RESOLUTION) for lat, lon in zip(latitude, longitude)],
-            dtype=np.uint64,
-        )
-        self.order = np.argsort(fine, kind="stable")
+    def __init__(
+        self,
+        latitude: np.ndarray,
+        longitude: np.ndarray,
+        tie_break: np.ndarray | None = None,
+        cells: np.ndarray | None = None,
+    ) -> None:
+        fine = fine_cells(latitude, longitude) if cells is None else cells.astype(np.uint64)
+        # Within a cell, ``tie_break`` fixes the order so it does not depend on the input's.
+        self.order = np.lexsort((tie_break, fine)) if tie_break is not None else np.argsort(fine)
         self.latitude = np.ascontiguousarray(latitude[self.order], dtype=np.float64)
         self.longitude = np.ascontiguousarray(longitude[self.order], dtype=np.float64)
         ecef = to_ecef(self.latitude, self.longitude)
@@ -171,7 +188,7 @@ class SpatialIndex:
 
 
 def _chord_surely_within(max_dis: float) -> float:
-    """The longest chord whose geodesic is certainly at most ``max_dis`` metres (by the arc bound)."""
+    """The longest chord whose geodesic is surely at most ``max_dis`` metres (by the arc bound)."""
     arc = (max_dis - _ABSOLUTE_SLACK) / (1 + _RELATIVE_SLACK)
     if arc <= 0:
         return 0.0

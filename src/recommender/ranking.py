@@ -62,6 +62,8 @@ class Catalog:
         Each restaurant's row in the model.
     latitude, longitude : ndarray of shape (n_restaurants,), WGS-84 degrees
     model : TasteModel
+    cells : ndarray of shape (n_restaurants,), optional
+        H3 cells of the restaurants at the spatial index's resolution, when already known.
     """
 
     def __init__(
@@ -71,10 +73,12 @@ class Catalog:
         latitude: np.ndarray,
         longitude: np.ndarray,
         model: TasteModel,
+        cells: np.ndarray | None = None,
     ) -> None:
-        self.index = SpatialIndex(latitude, longitude)
+        ids = np.asarray(ids, dtype=object)
+        self.index = SpatialIndex(latitude, longitude, tie_break=ids, cells=cells)
         order = self.index.order
-        self.ids = np.asarray(ids, dtype=object)[order]
+        self.ids = ids[order]
         self.rows = np.asarray(rows, dtype=np.int64)[order]
         self.id_rank = np.argsort(np.argsort(self.ids, kind="stable"), kind="stable")
         self.model = model

@@ -3,14 +3,14 @@
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from recommender.contract import Limits
 from recommender.dataset.prepared import load_prepared_users
-from recommender.dataset.reader import DataError, Skipped, read_restaurants, count_rows
+from recommender.dataset.reader import DataError, Skipped, check_model_rows, read_restaurants
 from recommender.features import FeatureStore
 from recommender.features.embedded import EmbeddedStore
-from recommender.model import load_model
+from recommender.model import TasteModel, load_model
+from recommender.postgres.store import PostgresStore, read_database
 from recommender.ranking import Catalog, ExhaustiveRanker, FastRanker, Query, Ranking
 from recommender.settings import Settings
 
@@ -81,28 +81,26 @@ class Recommender:
 def load_recommender(
     settings: Settings, progress: Callable[[str], None] | None = None
 ) -> Recommender:
-    """Read, validate and index the data directory named by ``settings``.
+    """Read, validate and index the data named by ``settings``.
+
+    The model always comes from the data directory; restaurants and user features come from
+    the data directory (embedded store) or from PostgreSQL.
 
     Raises
     ------
     DataError
-        If a data file is missing, unreadable, or does not match the model.
+        If a data file is missing, unreadable, or does not match the model, or the database
+        cannot be reached or holds data for another model.
     """
     started = time.perf_counter()
-    data_dir = settings.data_dir
-    model = load_model(data_dir / MODEL_FILE)
-    _check_model_matches_restaurants(model.n_rows, data_dir / RESTAURANT_FILE)
-    restaurants, skipped = read_restaurants(data_dir / RESTAURANT_FILE, model.n_rows)
-    if len(restaurants) == 0:
-        raise DataError(f"{data_dir / RESTAURANT_FILE}: no restaurant row can be served")
+    model = load_model(settings.data_dir / MODEL_FILE)
+    if settings.store == "embedded":
+        catalog, store, skipped, prepared = _load_embedded(settings, model, progress)
+        store_name = "embedded"
+    else:
+        catalog, store = _load_postgres(settings, model)
+        skipped, prepared, store_name = [], False, "postgresql"
 
-    users, prepared = load_prepared_users(
-        data_dir / USER_FILE, settings.resolved_prepared_dir, model.n_features, progress
-    )
-    catalog = Catalog(
-        restaurants.ids, restaurants.rows, restaurants.latitude, restaurants.longitude, model
-    )
-    store = EmbeddedStore(users)
     ranker = ExhaustiveRanker(catalog) if settings.ranker == "exhaustive" else FastRanker(catalog)
     limits = Limits(
         default_size=settings.default_size,
@@ -114,19 +112,56 @@ def load_recommender(
         n_users=store.n_users,
         n_features=model.n_features,
         metric=str(model.metric),
-        store="embedded",
+        store=store_name,
         ranker=settings.ranker,
         prepared=prepared,
         seconds=time.perf_counter() - started,
-        skipped=[*skipped, *users.skipped],
+        skipped=skipped,
     )
     return Recommender(catalog, store, ranker, limits, report)
 
 
-def _check_model_matches_restaurants(n_model_rows: int, restaurant_file: Path) -> None:
-    n_rows = count_rows(restaurant_file)
-    if n_rows != n_model_rows:
+def _load_embedded(
+    settings: Settings, model: TasteModel, progress: Callable[[str], None] | None
+) -> tuple[Catalog, FeatureStore, list[Skipped], bool]:
+    data_dir = settings.data_dir
+    check_model_rows(model.n_rows, data_dir / RESTAURANT_FILE)
+    restaurants, skipped = read_restaurants(data_dir / RESTAURANT_FILE, model.n_rows)
+    if len(restaurants) == 0:
+        raise DataError(f"{data_dir / RESTAURANT_FILE}: no restaurant row can be served")
+    users, prepared = load_prepared_users(
+        data_dir / USER_FILE, settings.resolved_prepared_dir, model.n_features, progress
+    )
+    catalog = Catalog(
+        restaurants.ids, restaurants.rows, restaurants.latitude, restaurants.longitude, model
+    )
+    return catalog, EmbeddedStore(users), [*skipped, *users.skipped], prepared
+
+
+def _load_postgres(settings: Settings, model: TasteModel) -> tuple[Catalog, FeatureStore]:
+    dataset, restaurants, cells = read_database(settings.store, settings.store_start_timeout)
+    if (dataset["n_model_rows"], dataset["n_features"]) != (model.n_rows, model.n_features):
         raise DataError(
-            f"{restaurant_file}: has {n_rows} rows but the model holds {n_model_rows} "
-            "restaurant embeddings; the model must be fitted on this restaurant file"
+            f"the database was loaded for a model of {dataset['n_model_rows']} restaurants x "
+            f"{dataset['n_features']} features, but {settings.data_dir / MODEL_FILE} holds "
+            f"{model.n_rows} x {model.n_features}; run `recommender db load` with this model"
         )
+    if len(restaurants) == 0:
+        raise DataError("the database holds no restaurant that can be served")
+    catalog = Catalog(
+        restaurants.ids,
+        restaurants.rows,
+        restaurants.latitude,
+        restaurants.longitude,
+        model,
+        cells=cells,
+    )
+    store = PostgresStore(
+        settings.store,
+        n_features=model.n_features,
+        dtype=dataset["feature_dtype"],
+        n_users=dataset["n_users"],
+        timeout=settings.store_timeout,
+        pool_size=settings.store_pool_size,
+    )
+    return catalog, store

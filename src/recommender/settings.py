@@ -3,8 +3,10 @@
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from recommender.postgres.schema import is_database_url
 
 
 class Settings(BaseSettings):
@@ -33,6 +35,25 @@ class Settings(BaseSettings):
     graceful_timeout: int = Field(
         10, gt=0, description="Seconds in-flight requests get to finish on shutdown."
     )
+    store: str = Field(
+        "embedded",
+        description="Where user features live: embedded (the data directory, no server) or "
+        "a PostgreSQL URL, postgresql://user:password@host:port/database.",
+    )
+    database_url: str | None = Field(
+        None,
+        description="The PostgreSQL database `recommender db load` writes to, when --store "
+        "is not a URL: postgresql://user:password@host:port/database.",
+    )
+    store_timeout: float = Field(
+        2.0, gt=0, description="Seconds a request waits for the store before answering 503."
+    )
+    store_start_timeout: float = Field(
+        30.0, ge=0, description="Seconds the server waits for the store at start before exiting."
+    )
+    store_pool_size: int = Field(
+        4, ge=1, description="Most database connections each worker keeps open."
+    )
     ranker: Literal["fast", "exhaustive"] = Field(
         "fast",
         description="fast: spatial pre-filter then exact ranking; exhaustive: the model's "
@@ -44,6 +65,27 @@ class Settings(BaseSettings):
         5000.0, gt=0, description="Search radius in metres when max_dis is not given."
     )
     log_level: str = Field("info", description="Log level of the server.")
+
+    @field_validator("store")
+    @classmethod
+    def _known_store(cls, value: str) -> str:
+        if value != "embedded" and not is_database_url(value):
+            raise ValueError(
+                f"{value!r} is not a store: use embedded or postgresql://user@host:port/db"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _database_url_from_store(self) -> "Settings":
+        if self.database_url is None and self.store != "embedded":
+            self.database_url = self.store
+        return self
+
+    @model_validator(mode="after")
+    def _default_size_within_max(self) -> "Settings":
+        if self.default_size > self.max_size:
+            raise ValueError(f"default_size {self.default_size} exceeds max_size {self.max_size}")
+        return self
 
     @property
     def resolved_prepared_dir(self) -> Path:

@@ -109,6 +109,16 @@ def read_restaurants(path: Path, n_model_rows: int) -> tuple[RestaurantTable, li
     return restaurants, skipped
 
 
+def check_model_rows(n_model_rows: int, restaurant_file: Path) -> None:
+    """Refuse a model that does not hold one embedding per row of ``restaurant.parquet``."""
+    n_rows = count_rows(restaurant_file)
+    if n_rows != n_model_rows:
+        raise DataError(
+            f"{restaurant_file}: has {n_rows} rows but the model holds {n_model_rows} "
+            "restaurant embeddings; the model must be fitted on this restaurant file"
+        )
+
+
 @dataclass(frozen=True)
 class UserBatch:
     """A slice of ``user.parquet``: ids and their features, before any row is checked.

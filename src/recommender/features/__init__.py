@@ -24,6 +24,10 @@ class FeatureStore(Protocol):
         """
         ...
 
+    async def open(self) -> None:
+        """Connect; called in each worker process after it starts."""
+        ...
+
     async def close(self) -> None:
         """Release connections; the store is not used afterwards."""
         ...

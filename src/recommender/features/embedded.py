@@ -26,5 +26,8 @@ class EmbeddedStore:
             return None
         return self._features[row].astype(np.float64)
 
+    async def open(self) -> None:
+        """Nothing to connect: the mapping is inherited from the master process."""
+
     async def close(self) -> None:
         """Nothing to release: the mapping lives as long as the process."""

@@ -1,0 +1,1 @@
+"""PostgreSQL as the system of record: schema, bulk loading and the feature store."""

@@ -1,0 +1,158 @@
+"""Bulk-loading a data directory into PostgreSQL with COPY, swapped in atomically.
+
+Everything happens in one transaction: fresh tables under a unique suffix are created and
+filled with COPY, indexed, then renamed over the live ones. A server reading during the load
+keeps seeing the previous data until the commit, and a failed load leaves the database as it
+was.
+"""
+
+import datetime
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h3.api.basic_int as h3
+import psycopg
+from psycopg import sql
+from sqlalchemy import MetaData, insert, inspect
+
+from recommender.dataset.reader import (
+    DataError,
+    Skipped,
+    UserChecks,
+    check_model_rows,
+    count_rows,
+    iter_valid_users,
+    read_restaurants,
+    user_feature_dtype,
+)
+from recommender.geo import FINE_RESOLUTION
+from recommender.model import load_model
+from recommender.postgres.schema import (
+    DATASET,
+    RESTAURANTS,
+    USERS,
+    dataset_table,
+    engine_for,
+    restaurants_table,
+    users_table,
+)
+
+# Serialises concurrent loads of the same database (any fixed number unique to this schema).
+_LOAD_LOCK = 0x7265636F6D
+
+
+@dataclass
+class LoadSummary:
+    """What a load wrote and skipped."""
+
+    n_users: int = 0
+    n_restaurants: int = 0
+    n_features: int = 0
+    seconds: float = 0.0
+    skipped: list[Skipped] = field(default_factory=list)
+
+
+def load_database(
+    data_dir: Path, url: str, progress: Callable[[str], None] | None = None
+) -> LoadSummary:
+    """Create the schema and load ``data_dir``'s users and restaurants into ``url``.
+
+    Raises
+    ------
+    DataError
+        If a file is unusable, does not match the model, or a user row has a missing or
+        non-finite feature; nothing is committed then.
+    """
+    started = time.perf_counter()
+    report = progress or (lambda message: None)
+    model = load_model(data_dir / "model.pkl")
+    check_model_rows(model.n_rows, data_dir / "restaurant.parquet")
+    restaurants, skipped = read_restaurants(data_dir / "restaurant.parquet", model.n_rows)
+    users_file = data_dir / "user.parquet"
+    dtype = user_feature_dtype(users_file, model.n_features)
+    n_rows = count_rows(users_file)
+
+    suffix = uuid.uuid4().hex[:10]
+    metadata = MetaData()
+    staged = {
+        USERS: users_table(f"{USERS}_{suffix}", metadata),
+        RESTAURANTS: restaurants_table(f"{RESTAURANTS}_{suffix}", metadata),
+        DATASET: dataset_table(f"{DATASET}_{suffix}", metadata),
+    }
+    checks = UserChecks(users_file.name)
+    engine = engine_for(url)
+    try:
+        with engine.begin() as connection:
+            raw = connection.connection.driver_connection
+            raw.execute("SELECT pg_advisory_xact_lock(%s)", (_LOAD_LOCK,))
+            metadata.create_all(connection)
+
+            n_users = 0
+            with raw.cursor().copy(_copy_statement(staged[USERS], ["user_id", "features"])) as copy:
+                copy.set_types(["text", "bytea"])
+                for batch, read in iter_valid_users(users_file, model.n_features, checks):
+                    if checks.not_finite.count:
+                        raise DataError(f"{checks.not_finite}; nothing was loaded")
+                    rows = batch.features.astype(dtype.newbyteorder("<"), copy=False)
+                    for user_id, features in zip(batch.ids, rows, strict=True):
+                        copy.write_row((user_id, features.tobytes()))
+                    n_users += len(batch.ids)
+                    report(f"copied {read}/{n_rows} users")
+
+            columns = ["restaurant_id", "model_row", "latitude", "longitude", "h3_cell"]
+            with raw.cursor().copy(_copy_statement(staged[RESTAURANTS], columns)) as copy:
+                copy.set_types(["text", "int4", "float8", "float8", "int8"])
+                for row in zip(
+                    restaurants.ids,
+                    restaurants.rows.tolist(),
+                    restaurants.latitude.tolist(),
+                    restaurants.longitude.tolist(),
+                    strict=True,
+                ):
+                    copy.write_row((*row, h3.latlng_to_cell(row[2], row[3], FINE_RESOLUTION)))
+            report(f"copied {len(restaurants)} restaurants")
+
+            connection.execute(
+                insert(staged[DATASET]).values(
+                    n_features=model.n_features,
+                    feature_dtype=dtype.name,
+                    n_model_rows=model.n_rows,
+                    n_users=n_users,
+                    n_restaurants=len(restaurants),
+                    loaded_at=datetime.datetime.now(datetime.UTC).isoformat(),
+                )
+            )
+            _swap_into_place(connection, raw, staged, suffix)
+    except psycopg.OperationalError as error:
+        raise DataError(f"cannot load into the database: {error}") from error
+    finally:
+        engine.dispose()
+
+    return LoadSummary(
+        n_users=n_users,
+        n_restaurants=len(restaurants),
+        n_features=model.n_features,
+        seconds=time.perf_counter() - started,
+        skipped=[*skipped, *checks.reports()],
+    )
+
+
+def _copy_statement(table, columns: list[str]) -> sql.Composed:
+    return sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(
+        sql.Identifier(table.name), sql.SQL(", ").join(map(sql.Identifier, columns))
+    )
+
+
+def _swap_into_place(connection, raw: psycopg.Connection, staged: dict, suffix: str) -> None:
+    existing = set(inspect(connection).get_table_names())
+    rename = sql.SQL("ALTER TABLE {} RENAME TO {}")
+    for live, table in staged.items():
+        retired = f"{live}_retired_{suffix}"
+        if live in existing:
+            raw.execute(rename.format(sql.Identifier(live), sql.Identifier(retired)))
+        raw.execute(rename.format(sql.Identifier(table.name), sql.Identifier(live)))
+        if live in existing:
+            raw.execute(sql.SQL("DROP TABLE {}").format(sql.Identifier(retired)))

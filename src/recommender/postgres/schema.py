@@ -1,0 +1,75 @@
+"""The database schema, defined once as SQLAlchemy Core tables.
+
+Each load writes fresh tables under a unique suffix and renames them into place in the same
+transaction, so the functions here build a table under any name.
+"""
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Double,
+    Integer,
+    LargeBinary,
+    MetaData,
+    Table,
+    Text,
+    create_engine,
+)
+from sqlalchemy.engine import Engine, make_url
+
+USERS = "users"
+RESTAURANTS = "restaurants"
+DATASET = "dataset"
+
+
+def users_table(name: str = USERS, metadata: MetaData | None = None) -> Table:
+    """User features, one row per user: the raw little-endian bytes of the feature vector."""
+    return Table(
+        name,
+        metadata or MetaData(),
+        Column("user_id", Text, primary_key=True),
+        Column("features", LargeBinary, nullable=False),
+    )
+
+
+def restaurants_table(name: str = RESTAURANTS, metadata: MetaData | None = None) -> Table:
+    """Restaurant locations, their model rows, and the H3 cell the spatial pre-filter uses."""
+    return Table(
+        name,
+        metadata or MetaData(),
+        Column("restaurant_id", Text, primary_key=True),
+        Column("model_row", Integer, nullable=False),
+        Column("latitude", Double, nullable=False),
+        Column("longitude", Double, nullable=False),
+        Column("h3_cell", BigInteger, nullable=False, index=True),
+    )
+
+
+def dataset_table(name: str = DATASET, metadata: MetaData | None = None) -> Table:
+    """One row describing the loaded data: feature count and type, model rows, when loaded."""
+    return Table(
+        name,
+        metadata or MetaData(),
+        Column("n_features", Integer, nullable=False),
+        Column("feature_dtype", Text, nullable=False),
+        Column("n_model_rows", Integer, nullable=False),
+        Column("n_users", Integer, nullable=False),
+        Column("n_restaurants", Integer, nullable=False),
+        Column("loaded_at", Text, nullable=False),
+    )
+
+
+def is_database_url(value: str) -> bool:
+    """Whether ``value`` names a PostgreSQL database (rather than the embedded store)."""
+    return value.startswith(("postgresql://", "postgres://", "postgresql+psycopg://"))
+
+
+def libpq_url(url: str) -> str:
+    """The URL as psycopg expects it (without SQLAlchemy's ``+driver`` part)."""
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def engine_for(url: str) -> Engine:
+    """A SQLAlchemy engine on psycopg 3 for ``url``."""
+    sqlalchemy_url = make_url(url).set(drivername="postgresql+psycopg")
+    return create_engine(sqlalchemy_url, pool_pre_ping=True)
