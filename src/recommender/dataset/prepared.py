@@ -2,10 +2,11 @@
 
 Reading a 1,000-column Parquet file takes seconds; mapping a ``.npy`` file takes
 milliseconds and lets every forked worker share the same pages. The prepared files are
-rebuilt whenever ``user.parquet`` changes (size or modification time) and are replaced
-atomically, so a reader never sees a half-written matrix.
+rebuilt whenever ``user.parquet`` changes (size, modification or change time, or inode) and
+are replaced atomically, so a reader never sees a half-written matrix.
 """
 
+import fcntl
 import json
 import os
 import uuid
@@ -58,14 +59,17 @@ def load_prepared_users(
     """
     if not source.is_file():
         raise DataError(f"{source}: file not found")
-    signature = _signature(source, n_features)
-    manifest = _read_manifest(prepared_dir)
-    if manifest is None or manifest["signature"] != signature:
-        manifest = _prepare(source, prepared_dir, n_features, signature, progress)
-        rebuilt = True
-    else:
-        rebuilt = False
-    return _open(prepared_dir, manifest), rebuilt
+    prepared_dir.mkdir(parents=True, exist_ok=True)
+    # One process at a time checks, builds and maps: a preparation never removes files that
+    # another process is about to map.
+    with open(prepared_dir / ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        signature = _signature(source, n_features)
+        manifest = _read_manifest(prepared_dir)
+        rebuilt = manifest is None or manifest["signature"] != signature
+        if rebuilt:
+            manifest = _prepare(source, prepared_dir, n_features, signature, progress)
+        return _open(prepared_dir, manifest), rebuilt
 
 
 def _signature(source: Path, n_features: int) -> dict:
@@ -75,6 +79,9 @@ def _signature(source: Path, n_features: int) -> dict:
         "source": str(source.resolve()),
         "size": status.st_size,
         "mtime_ns": status.st_mtime_ns,
+        # A copy that keeps size and modification time still gets a new inode or ctime.
+        "inode": status.st_ino,
+        "ctime_ns": status.st_ctime_ns,
         "n_features": n_features,
     }
 

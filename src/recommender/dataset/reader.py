@@ -82,18 +82,18 @@ def read_restaurants(path: Path, n_model_rows: int) -> tuple[RestaurantTable, li
         & (np.abs(longitude) <= 180)
     )
     bad_row = ~((rows >= 0) & (rows < n_model_rows))
-    duplicate = _repeats(ids)
 
     checks = [
-        (missing_id, "restaurant_id is missing"),
-        (bad_coordinates, "latitude/longitude missing, not a number or out of range"),
-        (bad_row, f"index is not a row of the model (0..{n_model_rows - 1})"),
-        (duplicate & ~missing_id, "restaurant_id repeats an earlier row"),
+        (lambda keep: missing_id, "restaurant_id is missing"),
+        (lambda keep: bad_coordinates, "latitude/longitude missing, not a number or out of range"),
+        (lambda keep: bad_row, f"index is not a row of the model (0..{n_model_rows - 1})"),
+        # Only rows that passed every other check count: the first servable row of an id wins.
+        (lambda keep: _repeats(ids, keep), "restaurant_id repeats an earlier row"),
     ]
     keep = np.ones(len(ids), dtype=bool)
     skipped = []
-    for bad, reason in checks:
-        bad = bad & keep
+    for check, reason in checks:
+        bad = check(keep) & keep
         if bad.any():
             report = Skipped(path.name, reason)
             report.add([_describe_row(ids, position) for position in np.flatnonzero(bad)])
@@ -156,6 +156,15 @@ def iter_user_batches(path: Path, n_features: int, batch_size: int = 8192) -> It
     _user_schema(path, n_features)
     dtype = user_feature_dtype(path, n_features)
     columns = ["user_id", *feature_columns(n_features)]
+    try:
+        yield from _user_batches(path, columns, dtype, batch_size)
+    except (pa.ArrowException, OSError) as error:
+        raise DataError(f"{path}: cannot read the rows ({error})") from error
+
+
+def _user_batches(
+    path: Path, columns: list[str], dtype: np.dtype, batch_size: int
+) -> Iterator[UserBatch]:
     for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_size, columns=columns):
         ids = _as_strings(batch.column(0))
         features = batch.drop_columns(["user_id"]).to_tensor(null_to_nan=True, row_major=True)
@@ -223,10 +232,13 @@ def _user_schema(path: Path, n_features: int) -> pa.Schema:
 
     present = [name for name in schema.names if name.startswith("feature_")]
     expected = feature_columns(n_features)
-    if sorted(present) != sorted(expected):
+    if set(present) != set(expected):
+        missing = [name for name in expected if name not in set(present)]
+        unexpected = [name for name in present if name not in set(expected)]
         raise DataError(
             f"{path}: has {len(present)} feature columns but the model expects {n_features} "
-            f"(feature_0 .. feature_{n_features - 1})"
+            f"(feature_0 .. feature_{n_features - 1}); missing: {_preview(missing) or 'none'}; "
+            f"unexpected: {_preview(unexpected) or 'none'}"
         )
     not_numeric = [
         name
@@ -248,7 +260,7 @@ def _read_schema(path: Path) -> pa.Schema:
         raise DataError(f"{path}: file not found")
     try:
         return pq.read_schema(path)
-    except (pa.ArrowInvalid, OSError) as error:
+    except (pa.ArrowException, OSError) as error:
         raise DataError(f"{path}: not a readable Parquet file ({error})") from error
 
 
@@ -260,7 +272,10 @@ def _read_table(path: Path, columns: tuple[str, ...]) -> pa.Table:
             f"{path}: missing columns {missing}; expected {list(columns)}, "
             f"found {_preview(schema.names)}"
         )
-    return pq.read_table(path, columns=list(columns))
+    try:
+        return pq.read_table(path, columns=list(columns))
+    except (pa.ArrowException, OSError) as error:
+        raise DataError(f"{path}: cannot read the rows ({error})") from error
 
 
 def _as_strings(column: pa.ChunkedArray | pa.Array) -> list[str | None]:
@@ -290,11 +305,11 @@ def _as_row_numbers(column: pa.ChunkedArray) -> np.ndarray:
     return np.where(integral, values, -1).astype(np.int64)
 
 
-def _repeats(ids: np.ndarray) -> np.ndarray:
+def _repeats(ids: np.ndarray, considered: np.ndarray) -> np.ndarray:
     seen: set[str] = set()
     repeated = np.zeros(len(ids), dtype=bool)
     for position, identifier in enumerate(ids):
-        if identifier is None:
+        if identifier is None or not considered[position]:
             continue
         if identifier in seen:
             repeated[position] = True
