@@ -1,9 +1,18 @@
 """Shared fixtures: small generated data directories and recommenders loaded from them."""
 
+import contextlib
+import os
+import socket
+import threading
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg
 import pyarrow.parquet as pq
 import pytest
+from psycopg import sql
+from sqlalchemy.engine import make_url
 
 from recommender.dataset.generate import generate
 from recommender.service import Recommender, load_recommender
@@ -36,3 +45,135 @@ def recommender(settings: Settings) -> Recommender:
 def requests(data_dir: Path) -> list[dict]:
     """Every row of the small data's request.parquet."""
     return pq.read_table(data_dir / "request.parquet").to_pylist()
+
+
+# Integration tests talk to real servers. On a machine without them they skip, saying why;
+# with RECOMMENDER_REQUIRE_SERVICES=1 (set by CI) a missing server fails them instead.
+REQUIRE_SERVICES = os.environ.get("RECOMMENDER_REQUIRE_SERVICES") == "1"
+POSTGRES_URL = os.environ.get(
+    "RECOMMENDER_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
+)
+
+
+def service_missing(name: str, reason: str) -> None:
+    """Skip the test, or fail it when services are required."""
+    if REQUIRE_SERVICES:
+        pytest.fail(f"{name} is required (RECOMMENDER_REQUIRE_SERVICES=1) but {reason}")
+    pytest.skip(f"{name} is not available: {reason}")
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> str:
+    """The URL of a reachable PostgreSQL server."""
+    try:
+        with psycopg.connect(POSTGRES_URL, connect_timeout=3) as connection:
+            connection.execute("SELECT 1")
+    except psycopg.Error as error:
+        service_missing("PostgreSQL", f"{POSTGRES_URL} did not answer ({error})")
+    return POSTGRES_URL
+
+
+@pytest.fixture
+def database_url(postgres_server: str) -> Iterator[str]:
+    """A URL whose connections work in a fresh schema of their own, dropped afterwards."""
+    schema = f"test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(postgres_server, autocommit=True) as connection:
+        connection.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
+    yield with_search_path(postgres_server, schema)
+    with psycopg.connect(postgres_server, autocommit=True) as connection:
+        connection.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))
+
+
+def with_search_path(url: str, schema: str) -> str:
+    """``url`` with its connections' search_path set to ``schema``."""
+    return (
+        make_url(url)
+        .update_query_dict({"options": f"-csearch_path={schema}"})
+        .render_as_string(hide_password=False)
+    )
+
+
+class TcpProxy:
+    """Forwards a loopback port to a real server, and can cut the line to inject faults.
+
+    ``cut()`` drops every open connection and refuses new ones, as a server that went away
+    would; ``restore()`` accepts connections again on the same port.
+    """
+
+    def __init__(self, target_host: str, target_port: int) -> None:
+        self.target = (target_host, target_port)
+        self.port = 0
+        self._listener: socket.socket | None = None
+        self._connections: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self.restore()
+
+    def restore(self) -> None:
+        """Accept and forward connections (again)."""
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(64)
+        self.port = listener.getsockname()[1]
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def cut(self) -> None:
+        """Drop every forwarded connection and stop accepting new ones."""
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            # shutdown() wakes the thread blocked in accept(); close() alone would not.
+            with contextlib.suppress(OSError):
+                listener.shutdown(socket.SHUT_RDWR)
+            listener.close()
+        with self._lock:
+            connections, self._connections = self._connections, []
+        for connection in connections:
+            with contextlib.suppress(OSError):
+                connection.shutdown(socket.SHUT_RDWR)
+            connection.close()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            try:
+                server = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                client.close()
+                continue
+            server.settimeout(None)
+            with self._lock:
+                self._connections += [client, server]
+            for source, sink in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for end in (source, sink):
+                with contextlib.suppress(OSError):
+                    end.shutdown(socket.SHUT_RDWR)
+
+
+@pytest.fixture
+def postgres_proxy(postgres_server: str) -> Iterator[TcpProxy]:
+    """A cuttable line to the PostgreSQL server."""
+    url = make_url(postgres_server)
+    proxy = TcpProxy(url.host or "127.0.0.1", url.port or 5432)
+    yield proxy
+    proxy.cut()
+
+
+def through_proxy(url: str, proxy: TcpProxy) -> str:
+    """``url`` rewritten to connect through ``proxy``."""
+    return (
+        make_url(url).set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+    )
