@@ -8,11 +8,13 @@ The order of an answer: by difference (or, with ``sort_by_displacement``, by dis
 rounded to whole metres), ties broken on the other key, then on the restaurant id.
 """
 
+import contextlib
 from dataclasses import dataclass
 
 import numpy as np
-from sklearn.metrics import pairwise_distances
+from sklearn.metrics import DistanceMetric, pairwise_distances
 
+from recommender.dataset.reader import DataError
 from recommender.geo import SpatialIndex, arc_upper_bound, geodesic_distance
 from recommender.model import TasteModel
 
@@ -86,9 +88,26 @@ class Catalog:
         self.embeddings = np.ascontiguousarray(model.embeddings[self.rows])
         self.embeddings.setflags(write=False)
         self.difference = Difference(model, self.embeddings)
+        self._check_difference_matches_model()
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def _check_difference_matches_model(self) -> None:
+        """Refuse at start a metric this service would measure differently from the model."""
+        probe = self.embeddings[0]
+        n_neighbors = min(len(self), 8)
+        expected, rows = self.model.estimator.kneighbors(probe[np.newaxis, :], n_neighbors)
+        position_of_row = {row: position for position, row in enumerate(self.rows.tolist())}
+        positions = [position_of_row.get(row) for row in rows[0].tolist()]
+        known = [i for i, position in enumerate(positions) if position is not None]
+        measured = self.difference(probe, np.array([positions[i] for i in known], dtype=np.int64))
+        gap = np.max(np.abs(measured - expected[0][known]), initial=0.0)
+        if not gap <= 1e-6:
+            raise DataError(
+                f"the model's metric {self.model.metric!r} is measured here {gap:.3g} away from "
+                "the model's own kneighbors; this metric is not supported"
+            )
 
     def answer(
         self,
@@ -116,15 +135,22 @@ class Catalog:
 class Difference:
     """The model's metric between one user's features and many restaurant embeddings.
 
-    Common metrics are computed directly; any other goes through scikit-learn's
-    ``pairwise_distances`` with the model's metric and parameters.
+    Common metrics are computed directly; any other the way the model's ``kneighbors``
+    measures it: scikit-learn's ``DistanceMetric`` where it knows the metric, else
+    ``pairwise_distances``.
     """
 
     def __init__(self, model: TasteModel, embeddings: np.ndarray) -> None:
         self.metric = model.metric
-        self.params = model.metric_params
+        self.params = {
+            name: value for name, value in model.metric_params.items() if value is not None
+        }
         self.embeddings = embeddings
         self._kernel = _kernel_for(self.metric, self.params)
+        self._distance_metric = None
+        if self._kernel is None:
+            with contextlib.suppress(ValueError, TypeError):
+                self._distance_metric = DistanceMetric.get_metric(self.metric, **self.params)
         self._cosine_norms = None
         if self.metric == "cosine" and not self.params:
             norms = np.linalg.norm(embeddings, axis=1)
@@ -138,6 +164,8 @@ class Difference:
         block = self.embeddings[positions]
         if self._kernel is not None:
             return self._kernel(block, user)
+        if self._distance_metric is not None:
+            return self._distance_metric.pairwise(user[np.newaxis, :], block)[0]
         return pairwise_distances(user[np.newaxis, :], block, metric=self.metric, **self.params)[0]
 
     def _cosine(self, user: np.ndarray, positions: np.ndarray) -> np.ndarray:
