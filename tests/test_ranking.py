@@ -15,10 +15,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import pyproj
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sklearn.neighbors import NearestNeighbors
 
 from recommender.model import taste_model
-from recommender.ranking import Catalog, ExhaustiveRanker, FastRanker, Query
+from recommender.ranking import Catalog, ExhaustiveRanker, FastRanker, ProjectionBounds, Query
 from recommender.service import Recommender, UnknownUser
 
 GEOD = pyproj.Geod(ellps="WGS84")
@@ -477,3 +479,26 @@ def test_the_cut_through_tied_restaurants_keeps_the_smallest_ids(
     answer = ranker(catalog, reference)(USER, Query(*CENTRE, 3, 1_000.0, sort_by_displacement))
 
     assert answer.ids == ["z", "b", "c"]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    n_features=st.integers(2, 40),
+    noise=st.sampled_from([0.0, 0.01, 1.0, 100.0]),
+)
+def test_projection_bounds_enclose_every_exact_squared_difference(
+    seed: int, n_features: int, noise: float
+) -> None:
+    rng = np.random.default_rng(seed)
+    latent = rng.standard_normal((60, 3)) @ rng.standard_normal((3, n_features))
+    embeddings = latent + noise * rng.standard_normal((60, n_features))
+    user = embeddings[0] * 0.5 + noise * rng.standard_normal(n_features)
+    bounds = ProjectionBounds(embeddings, n_components=4)
+
+    lower, upper = bounds.squared(user, np.arange(60))
+
+    exact = ((embeddings - user) ** 2).sum(axis=1)
+    slack = 1e-9 * (1 + exact)
+    assert np.all(lower <= exact + slack)
+    assert np.all(exact <= upper + slack)

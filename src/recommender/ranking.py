@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from sklearn.metrics import DistanceMetric, pairwise_distances
+from sklearn.utils.extmath import randomized_svd
 
 from recommender.dataset.reader import DataError
 from recommender.geo import SpatialIndex, arc_upper_bound, geodesic_distance
@@ -89,6 +90,7 @@ class Catalog:
         self.embeddings.setflags(write=False)
         self.difference = Difference(model, self.embeddings)
         self._check_difference_matches_model()
+        self.bounds = ProjectionBounds(self.embeddings) if model.metric in _EUCLIDEAN else None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -234,6 +236,67 @@ def _kernel_for(metric, params: dict):
     return None
 
 
+_EUCLIDEAN = ("euclidean", "l2", "sqeuclidean")
+
+
+class ProjectionBounds:
+    """Cheap lower and upper bounds of squared euclidean differences.
+
+    The embeddings are split, around their mean, into a part inside a few principal
+    directions and a residual. For a user ``u`` and a restaurant ``r`` with projections
+    ``a``, ``b`` and residual norms ``ru``, ``rr``::
+
+        |a - b|^2 + (ru - rr)^2  <=  |u - r|^2  <=  |a - b|^2 + (ru + rr)^2
+
+    (Pythagoras, then the triangle inequality on the residuals). Any orthonormal directions
+    give valid bounds; principal ones make them tight, so only a few rows beyond ``size``
+    need their exact difference.
+
+    Parameters
+    ----------
+    embeddings : ndarray of shape (n_restaurants, n_features), float64
+    n_components : int
+        Directions kept, at most half the feature count.
+    """
+
+    def __init__(self, embeddings: np.ndarray, n_components: int = 32) -> None:
+        n_restaurants, n_features = embeddings.shape
+        n_components = max(1, min(n_components, n_features // 2, n_restaurants))
+        self.mean = embeddings.mean(axis=0)
+        sample = embeddings[np.linspace(0, n_restaurants - 1, min(n_restaurants, 2048)).astype(int)]
+        _, _, basis = randomized_svd(
+            sample - self.mean, n_components, n_oversamples=8, n_iter=2, random_state=0
+        )
+        self.basis = np.ascontiguousarray(basis)
+        centred = embeddings - self.mean
+        self.projected = np.ascontiguousarray(centred @ self.basis.T)
+        squared_norms = np.einsum("ij,ij->i", centred, centred)
+        residual = squared_norms - np.einsum("ij,ij->i", self.projected, self.projected)
+        self.residual = np.sqrt(np.maximum(residual, 0.0))
+
+    def squared(self, user: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Lower and upper bounds of ``|user - embedding|^2`` for each position, shape (m,)."""
+        centred = user - self.mean
+        projected = self.basis @ centred
+        residual = np.sqrt(max(centred @ centred - projected @ projected, 0.0))
+        offset = self.projected[positions] - projected
+        inside = np.einsum("ij,ij->i", offset, offset)
+        others = self.residual[positions]
+        return inside + (residual - others) ** 2, inside + (residual + others) ** 2
+
+
+def _could_be_best(bounds: ProjectionBounds, user: np.ndarray, positions: np.ndarray, size: int):
+    """Indices of the rows whose difference may be among the ``size`` smallest.
+
+    At least ``size`` rows have a squared difference no larger than the ``size``-th smallest
+    upper bound; a row whose lower bound exceeds it cannot beat them. The margin absorbs
+    rounding in the bounds themselves.
+    """
+    lower, upper = bounds.squared(user, positions)
+    threshold = np.partition(upper, size - 1)[size - 1]
+    return np.flatnonzero(lower <= threshold * (1 + 1e-9) + 1e-9)
+
+
 class FastRanker:
     """Differences measured on the candidates within the radius only."""
 
@@ -250,6 +313,8 @@ class FastRanker:
             positions = positions[_nearest_possible(chord, query.size)]
             difference = catalog.difference(user, positions)
         else:
+            if catalog.bounds is not None and len(positions) > query.size:
+                positions = positions[_could_be_best(catalog.bounds, user, positions, query.size)]
             difference = catalog.difference(user, positions)
             best = _smallest_with_ties(difference, query.size)
             positions, difference = positions[best], difference[best]
