@@ -105,6 +105,8 @@ def create_app(recommender: Recommender) -> FastAPI:
 
     app = FastAPI(
         lifespan=lifespan,
+        # An id ending in "/" is another id, never a redirect to a different user.
+        redirect_slashes=False,
         title="Restaurant recommendations",
         description="Restaurants near a point, ranked by a pre-trained model's difference "
         "between the user's features and each restaurant's embedding.",

@@ -13,6 +13,7 @@ from pydantic import ValidationError
 from recommender.contract import ParameterError, check_user_id, parse_query, render
 from recommender.dataset.reader import DataError
 from recommender.features import StoreUnavailable
+from recommender.features.redis_cache import CachedStore
 from recommender.ranking import Query, Ranking
 from recommender.service import Recommender, UnknownUser, load_recommender
 from recommender.settings import Settings
@@ -76,6 +77,12 @@ def _parser() -> argparse.ArgumentParser:
         "(default: RECOMMENDER_STORE, else RECOMMENDER_DATABASE_URL)",
     )
     load.set_defaults(run=_load_database)
+
+    cache = commands.add_parser("cache", help="manage the Redis cache")
+    cache_commands = cache.add_subparsers(required=True, metavar="COMMAND")
+    warm = cache_commands.add_parser("warm", help="fill the cache with every user's features")
+    _add_data_options(warm)
+    warm.set_defaults(run=_warm_cache)
     return parser
 
 
@@ -85,10 +92,13 @@ def _add_data_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--store", help="embedded (default) or postgresql://user:password@host:port/database"
     )
+    parser.add_argument(
+        "--cache", help="redis://host:port/db or redis+cluster://host:port (PostgreSQL store only)"
+    )
 
 
 def _settings(arguments: argparse.Namespace) -> Settings:
-    names = ("data_dir", "ranker", "store", "host", "port", "workers")
+    names = ("data_dir", "ranker", "store", "cache", "host", "port", "workers")
     given = {name: getattr(arguments, name, None) for name in names}
     return Settings(**{name: value for name, value in given.items() if value is not None})
 
@@ -121,8 +131,48 @@ def _serve(arguments: argparse.Namespace) -> int:
     _generate_default_data_if_missing(settings)
     recommender = load_recommender(settings, progress=log.info)
     _log_loaded(recommender.report)
+    if isinstance(recommender.store, CachedStore) and settings.cache_warm:
+        _warm(settings, recommender.store)
     serve(recommender, settings)
     return 0
+
+
+def _warm_cache(arguments: argparse.Namespace) -> int:
+    settings = _settings(arguments)
+    if settings.cache is None:
+        log.error("name the cache: --cache redis://host:port/db")
+        return 2
+    recommender = load_recommender(settings)
+    return 0 if _warm(settings, recommender.store) else 3
+
+
+def _warm(settings: Settings, store: CachedStore) -> bool:
+    """Fill the cache; a failure is logged and leaves the cache to fill lazily."""
+    from recommender.features.redis_cache import warm
+    from recommender.postgres.store import iter_user_features
+
+    started = time.perf_counter()
+    log.info("warming the cache %s from PostgreSQL", settings.cache)
+    try:
+        written = warm(
+            settings.cache,
+            store.load_id,
+            iter_user_features(settings.store, settings.cache_warm_batch),
+            ttl=settings.cache_ttl,
+            timeout=max(settings.cache_timeout, 5.0),
+            progress=_every(10, log.info),
+        )
+    except Exception as error:  # noqa: BLE001 - any failure leaves a working, colder service
+        log.warning("cache warm-up failed, serving with a lazily filled cache: %s", error)
+        return False
+    log.info("warmed %d users in %.1f s", written, time.perf_counter() - started)
+    return True
+
+
+def _every(n: int, report):
+    """A progress callback passing on every ``n``-th message."""
+    calls = iter(range(1 << 62))
+    return lambda message: report(message) if next(calls) % n == 0 else None
 
 
 def _recommend(arguments: argparse.Namespace) -> int:

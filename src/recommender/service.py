@@ -9,6 +9,7 @@ from recommender.dataset.prepared import load_prepared_users
 from recommender.dataset.reader import DataError, Skipped, check_model_rows, read_restaurants
 from recommender.features import FeatureStore
 from recommender.features.embedded import EmbeddedStore
+from recommender.features.redis_cache import CachedStore
 from recommender.model import TasteModel, load_model
 from recommender.postgres.store import PostgresStore, read_database
 from recommender.ranking import Catalog, ExhaustiveRanker, FastRanker, Query, Ranking
@@ -99,7 +100,8 @@ def load_recommender(
         store_name = "embedded"
     else:
         catalog, store = _load_postgres(settings, model)
-        skipped, prepared, store_name = [], False, "postgresql"
+        skipped, prepared = [], False
+        store_name = "postgresql" + (" with redis cache" if settings.cache else "")
 
     ranker = ExhaustiveRanker(catalog) if settings.ranker == "exhaustive" else FastRanker(catalog)
     limits = Limits(
@@ -164,4 +166,13 @@ def _load_postgres(settings: Settings, model: TasteModel) -> tuple[Catalog, Feat
         timeout=settings.store_timeout,
         pool_size=settings.store_pool_size,
     )
-    return catalog, store
+    if settings.cache is None:
+        return catalog, store
+    cached = CachedStore(
+        store,
+        settings.cache,
+        load_id=dataset["load_id"],
+        ttl=settings.cache_ttl,
+        timeout=settings.cache_timeout,
+    )
+    return catalog, cached

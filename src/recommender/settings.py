@@ -6,6 +6,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from recommender.features.redis_cache import is_cache_url
 from recommender.postgres.schema import is_database_url
 
 
@@ -54,6 +55,21 @@ class Settings(BaseSettings):
     store_pool_size: int = Field(
         4, ge=1, description="Most database connections each worker keeps open."
     )
+    cache: str | None = Field(
+        None,
+        description="Redis in front of a PostgreSQL store: redis://host:port/db, or "
+        "redis+cluster://host:port for a Redis Cluster. Unset: no cache.",
+    )
+    cache_ttl: float = Field(3600.0, gt=0, description="Seconds a cached feature vector lives.")
+    cache_timeout: float = Field(
+        0.25, gt=0, description="Seconds a Redis call may take before the cache is skipped."
+    )
+    cache_warm: bool = Field(
+        True, description="Fill the cache with every user before the workers start."
+    )
+    cache_warm_batch: int = Field(
+        2000, ge=1, description="Users read and written per batch while warming."
+    )
     ranker: Literal["fast", "exhaustive"] = Field(
         "fast",
         description="fast: spatial pre-filter then exact ranking; exhaustive: the model's "
@@ -74,6 +90,21 @@ class Settings(BaseSettings):
                 f"{value!r} is not a store: use embedded or postgresql://user@host:port/db"
             )
         return value
+
+    @field_validator("cache")
+    @classmethod
+    def _known_cache(cls, value: str | None) -> str | None:
+        if value is not None and not is_cache_url(value):
+            raise ValueError(
+                f"{value!r} is not a cache: use redis://host:port/db or redis+cluster://host:port"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _cache_needs_database(self) -> "Settings":
+        if self.cache is not None and self.store == "embedded":
+            raise ValueError("a cache needs a PostgreSQL store: set --store postgresql://...")
+        return self
 
     @model_validator(mode="after")
     def _database_url_from_store(self) -> "Settings":

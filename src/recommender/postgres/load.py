@@ -117,6 +117,7 @@ def load_database(
 
             connection.execute(
                 insert(staged[DATASET]).values(
+                    load_id=suffix,
                     n_features=model.n_features,
                     feature_dtype=dtype.name,
                     n_model_rows=model.n_rows,

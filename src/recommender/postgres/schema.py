@@ -46,10 +46,11 @@ def restaurants_table(name: str = RESTAURANTS, metadata: MetaData | None = None)
 
 
 def dataset_table(name: str = DATASET, metadata: MetaData | None = None) -> Table:
-    """One row describing the loaded data: feature count and type, model rows, when loaded."""
+    """One row describing the loaded data: which load, feature count and type, model rows."""
     return Table(
         name,
         metadata or MetaData(),
+        Column("load_id", Text, nullable=False),
         Column("n_features", Integer, nullable=False),
         Column("feature_dtype", Text, nullable=False),
         Column("n_model_rows", Integer, nullable=False),

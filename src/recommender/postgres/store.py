@@ -1,6 +1,7 @@
 """User features read from PostgreSQL per request, and restaurants read once at start."""
 
 import time
+from collections.abc import Iterator
 
 import numpy as np
 import psycopg
@@ -83,6 +84,11 @@ class PostgresStore:
         StoreUnavailable
             If PostgreSQL cannot be reached or does not answer within the timeout.
         """
+        value = await self.feature_bytes(user_id)
+        return None if value is None else self.decode(value, user_id)
+
+    async def feature_bytes(self, user_id: str) -> bytes | None:
+        """The user's features as stored (little-endian bytes), None for an unknown user."""
         if self._pool is None:
             raise StoreUnavailable("the PostgreSQL pool is not open")
         try:
@@ -91,11 +97,10 @@ class PostgresStore:
                 row = await cursor.fetchone()
         except (psycopg.Error, psycopg_pool.PoolTimeout) as error:
             raise StoreUnavailable(f"PostgreSQL: {type(error).__name__}") from error
-        if row is None:
-            return None
-        return self._decode(row[0], user_id)
+        return None if row is None else bytes(row[0])
 
-    def _decode(self, value: bytes, user_id: str) -> np.ndarray:
+    def decode(self, value: bytes, user_id: str) -> np.ndarray:
+        """Stored bytes as a float64 feature vector, refusing a value of the wrong length."""
         expected = self.n_features * self.dtype.itemsize
         if len(value) != expected:
             raise StoreUnavailable(
@@ -110,6 +115,21 @@ class PostgresStore:
         await connection.execute(
             "SELECT set_config('statement_timeout', %s, false)", (milliseconds,)
         )
+
+
+def iter_user_features(url: str, batch_size: int) -> Iterator[list[tuple[str, bytes]]]:
+    """Every user's stored feature bytes, in batches, through a server-side cursor.
+
+    Only one batch is in memory at a time, whatever the number of users.
+    """
+    users = users_table()
+    query = str(select(users.c.user_id, users.c.features).compile(dialect=engine_for(url).dialect))
+    with psycopg.connect(libpq_url(url)) as connection:
+        with connection.cursor(name="recommender_user_features") as cursor:
+            cursor.itersize = batch_size
+            cursor.execute(query)
+            while rows := cursor.fetchmany(batch_size):
+                yield [(user_id, bytes(value)) for user_id, value in rows]
 
 
 def read_database(url: str, wait_seconds: float) -> tuple[dict, RestaurantTable, np.ndarray]:

@@ -1,0 +1,173 @@
+"""A Redis cache in front of the store, shared by every worker and replica (cache-aside).
+
+Values are the store's raw feature bytes, checked for length on every read: nothing read from
+Redis is ever unpickled or evaluated. Keys carry the id of the database load they came from,
+and a TTL, so a reload reaches the service once entries expire (or at once after a restart).
+
+When Redis fails, requests go to the store directly (slower, still correct) and the cache is
+tried again after a short pause; ``status`` reports the cache as degraded meanwhile.
+"""
+
+import time
+from collections.abc import Callable, Iterable
+
+import numpy as np
+import redis
+import redis.asyncio as aioredis
+import redis.cluster
+import redis.exceptions
+from redis.asyncio.cluster import RedisCluster
+
+from recommender.postgres.store import PostgresStore
+
+CLUSTER_SCHEME = "redis+cluster://"
+# After a failure, requests skip Redis for this long instead of each paying a timeout.
+_RETRY_AFTER_SECONDS = 1.0
+
+
+def is_cache_url(value: str) -> bool:
+    """Whether ``value`` names a Redis server or cluster."""
+    return value.startswith(("redis://", "rediss://", CLUSTER_SCHEME))
+
+
+def feature_key(load_id: str, user_id: str) -> bytes:
+    """The cache key of one user's features from one database load."""
+    return b"recommender:features:" + load_id.encode() + b":" + user_id.encode("utf-8")
+
+
+def connect(url: str, timeout: float) -> aioredis.Redis | RedisCluster:
+    """An asyncio client for a single Redis (``redis://``) or a cluster (``redis+cluster://``)."""
+    options = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
+    if url.startswith(CLUSTER_SCHEME):
+        return RedisCluster.from_url("redis://" + url[len(CLUSTER_SCHEME) :], **options)
+    return aioredis.Redis.from_url(url, **options)
+
+
+class CachedStore:
+    """User features from Redis when present, else from PostgreSQL (then kept in Redis).
+
+    Parameters
+    ----------
+    store : PostgresStore
+        The system of record.
+    url : str
+        ``redis://host:port/db`` or ``redis+cluster://host:port``.
+    load_id : str
+        The database load whose values are cached (part of every key).
+    ttl : float
+        Seconds an entry lives.
+    timeout : float
+        Seconds a Redis call may take before the cache counts as failed.
+    """
+
+    def __init__(
+        self, store: PostgresStore, url: str, load_id: str, ttl: float, timeout: float
+    ) -> None:
+        self.store = store
+        self.url = url
+        self.load_id = load_id
+        self.ttl = ttl
+        self.timeout = timeout
+        self.n_users = store.n_users
+        self.hits = 0
+        self.misses = 0
+        self._client: aioredis.Redis | RedisCluster | None = None
+        self._failed_until = 0.0
+        self._failure = ""
+
+    async def open(self) -> None:
+        """Open the store and create the Redis client (it connects on first use)."""
+        await self.store.open()
+        self._client = connect(self.url, self.timeout)
+
+    async def close(self) -> None:
+        """Close both connections."""
+        if self._client is not None:
+            await self._client.aclose()
+        await self.store.close()
+
+    def status(self) -> str:
+        """``ok``, or ``degraded: <reason>`` while Redis is being skipped."""
+        if time.monotonic() < self._failed_until:
+            return f"degraded: {self._failure}"
+        return "ok"
+
+    async def features(self, user_id: str) -> np.ndarray | None:
+        """The user's features as float64, None for an unknown user.
+
+        Raises
+        ------
+        StoreUnavailable
+            If the value is not cached and the store cannot answer.
+        """
+        key = feature_key(self.load_id, user_id)
+        cached = await self._get(key)
+        if cached is not None and len(cached) == self._value_length():
+            self.hits += 1
+            return self.store.decode(cached, user_id)
+
+        self.misses += 1
+        value = await self.store.feature_bytes(user_id)
+        if value is None:
+            return None
+        await self._set(key, value)
+        return self.store.decode(value, user_id)
+
+    def _value_length(self) -> int:
+        return self.store.n_features * self.store.dtype.itemsize
+
+    async def _get(self, key: bytes) -> bytes | None:
+        if self._client is None or time.monotonic() < self._failed_until:
+            return None
+        try:
+            return await self._client.get(key)
+        except (redis.exceptions.RedisError, OSError) as error:
+            self._fail(error)
+            return None
+
+    async def _set(self, key: bytes, value: bytes) -> None:
+        if self._client is None or time.monotonic() < self._failed_until:
+            return
+        try:
+            await self._client.set(key, value, px=round(self.ttl * 1000))
+        except (redis.exceptions.RedisError, OSError) as error:
+            self._fail(error)
+
+    def _fail(self, error: Exception) -> None:
+        self._failed_until = time.monotonic() + _RETRY_AFTER_SECONDS
+        self._failure = f"{type(error).__name__}: {error}"
+
+
+def warm(
+    url: str,
+    load_id: str,
+    batches: Iterable[list[tuple[str, bytes]]],
+    ttl: float,
+    timeout: float,
+    progress: Callable[[str], None] | None = None,
+) -> int:
+    """Write every batch of ``(user_id, feature bytes)`` rows, one pipeline per batch.
+
+    Memory holds one batch at a time whatever the number of users. Returns the number of
+    users written.
+    """
+    options = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
+    if url.startswith(CLUSTER_SCHEME):
+        client = redis.cluster.RedisCluster.from_url(
+            "redis://" + url[len(CLUSTER_SCHEME) :], **options
+        )
+    else:
+        client = redis.Redis.from_url(url, **options)
+    written = 0
+    try:
+        for batch in batches:
+            pipeline = client.pipeline(transaction=False)
+            for user_id, value in batch:
+                pipeline.set(feature_key(load_id, user_id), value, px=round(ttl * 1000))
+            pipeline.execute()
+            written += len(batch)
+            if progress is not None:
+                progress(f"warmed {written} users")
+    finally:
+        client.close()
+    return written

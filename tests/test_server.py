@@ -1,0 +1,247 @@
+"""End to end: ``recommender serve`` under Gunicorn with two workers, over a local socket."""
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from recommender.contract import render
+from recommender.ranking import Query
+from recommender.service import Recommender
+
+RECOMMENDER = Path(sys.executable).with_name("recommender")
+WORKERS = 2
+# Bounds on waiting, not expectations of speed: a healthy server needs a small part of them.
+START_TIMEOUT = 30.0
+STOP_TIMEOUT = 30.0
+
+
+@dataclass
+class Server:
+    """A running ``recommender serve`` process and the address it answers on."""
+
+    process: subprocess.Popen
+    url: str
+    log: Path
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _local_client() -> httpx.Client:
+    # trust_env=False: no proxy from the environment may see this traffic.
+    return httpx.Client(trust_env=False, timeout=10.0)
+
+
+def _wait_until_healthy(server: Server) -> None:
+    deadline = time.monotonic() + START_TIMEOUT
+    with _local_client() as client:
+        while time.monotonic() < deadline:
+            if server.process.poll() is not None:
+                pytest.fail(f"server exited with {server.process.returncode}:\n{server.log_text()}")
+            try:
+                if client.get(f"{server.url}/healthz").status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+    pytest.fail(f"server did not answer /healthz within {START_TIMEOUT} s:\n{server.log_text()}")
+
+
+def _start(data_dir: Path, tmp_path: Path) -> Server:
+    port = _free_port()
+    env = {key: value for key, value in os.environ.items() if not key.startswith("RECOMMENDER_")}
+    env["RECOMMENDER_PREPARED_DIR"] = str(tmp_path / "prepared")
+    log = tmp_path / "server.log"
+    command = [str(RECOMMENDER), "serve", "--data-dir", str(data_dir), "--port", str(port)]
+    with log.open("wb") as output:
+        process = subprocess.Popen(
+            [*command, "--workers", str(WORKERS)],
+            env=env,
+            cwd=tmp_path,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            # Its own process group, so teardown can end the workers along with the master.
+            start_new_session=True,
+        )
+    return Server(process=process, url=f"http://127.0.0.1:{port}", log=log)
+
+
+def _stop(server: Server) -> None:
+    if server.process.poll() is not None:
+        return
+    server.process.terminate()
+    try:
+        server.process.wait(timeout=STOP_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(server.process.pid, signal.SIGKILL)
+        server.process.wait()
+
+
+@pytest.fixture
+def own_server(data_dir: Path, tmp_path: Path) -> Iterator[Server]:
+    """A server for one test alone, which may stop it."""
+    running = _start(data_dir, tmp_path)
+    try:
+        _wait_until_healthy(running)
+        yield running
+    finally:
+        _stop(running)
+
+
+@pytest.fixture(scope="module")
+def server(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """One server shared by the tests that leave it running."""
+    running = _start(data_dir, tmp_path_factory.mktemp("server"))
+    try:
+        _wait_until_healthy(running)
+        yield running
+    finally:
+        _stop(running)
+
+
+def _worker_pids(server: Server) -> set[int]:
+    listing = subprocess.run(
+        ["ps", "-o", "pid=", "--ppid", str(server.process.pid)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return {int(pid) for pid in listing.stdout.split()}
+
+
+def _expected(recommender: Recommender, user_id: str, query: Query) -> bytes:
+    return render(asyncio.run(recommender.recommend(user_id, query)))
+
+
+def test_served_answers_equal_the_in_process_answers_byte_for_byte(
+    server: Server, recommender: Recommender, requests: list[dict]
+) -> None:
+    with _local_client() as client:
+        for row in requests[:10]:
+            query = Query(row["latitude"], row["longitude"], row["size"], 7500.0, True)
+            parameters = {
+                "latitude": row["latitude"],
+                "longitude": row["longitude"],
+                "size": f"{row['size']}.0",
+                "max_dis": "7500.0",
+                "sort_dis": "1.0",
+            }
+
+            response = client.get(f"{server.url}/recommend/{row['user_id']}", params=parameters)
+
+            assert response.status_code == 200
+            assert response.content == _expected(recommender, row["user_id"], query)
+
+
+def test_served_post_answers_equal_the_in_process_answers_byte_for_byte(
+    server: Server, recommender: Recommender, requests: list[dict]
+) -> None:
+    row = requests[0]
+    body = {"latitude": row["latitude"], "longitude": row["longitude"], "size": float("nan")}
+    query = Query(row["latitude"], row["longitude"], 20, 5000.0, False)
+
+    with _local_client() as client:
+        response = client.post(f"{server.url}/recommend/{row['user_id']}", content=json.dumps(body))
+
+    assert response.status_code == 200
+    assert response.content == _expected(recommender, row["user_id"], query)
+
+
+def test_the_master_runs_two_workers(server: Server) -> None:
+    assert len(_worker_pids(server)) == WORKERS
+
+
+def test_many_concurrent_requests_are_answered_without_losing_a_worker(
+    server: Server, requests: list[dict]
+) -> None:
+    workers_before = _worker_pids(server)
+
+    def ask(row: dict) -> int:
+        # A fresh connection per request, so that either worker may accept it.
+        with _local_client() as client:
+            url = f"{server.url}/recommend/{row['user_id']}"
+            parameters = {"latitude": row["latitude"], "longitude": row["longitude"]}
+            return client.get(url, params=parameters).status_code
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        statuses = list(pool.map(ask, requests[:200]))
+
+    assert statuses == [200] * 200
+    assert _worker_pids(server) == workers_before
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "status"),
+    [
+        ("GET", "/recommend/u001?latitude=91&longitude=100.5", None, 422),
+        ("GET", "/recommend/u001?latitude=13.8", None, 422),
+        ("GET", "/recommend/u001?latitude=13.8&longitude=100.5&size=2.5", None, 422),
+        ("GET", "/recommend/u001?latitude=13.8&longitude=100.5&size=1&size=2", None, 422),
+        ("GET", "/recommend/nobody?latitude=13.8&longitude=100.5", None, 404),
+        ("GET", "/recommend/a%2Fb?latitude=13.8&longitude=100.5", None, 404),
+        ("GET", f"/recommend/{'u' * 257}?latitude=13.8&longitude=100.5", None, 422),
+        ("POST", "/recommend/u001", b"{", 422),
+        ("POST", "/recommend/u001", b"[13.8, 100.5]", 422),
+        ("POST", "/recommend/u001", b" " * 20_000, 422),
+        ("POST", "/recommend/u001?latitude=13.8", b'{"latitude": 13.8}', 422),
+    ],
+    ids=[
+        "latitude-out-of-range",
+        "longitude-missing",
+        "fractional-size",
+        "size-twice",
+        "unknown-user",
+        "encoded-slash",
+        "long-user-id",
+        "malformed-body",
+        "array-body",
+        "oversized-body",
+        "query-and-body",
+    ],
+)
+def test_bad_input_is_answered_with_a_4xx_json_body(
+    server: Server, method: str, path: str, body: bytes | None, status: int
+) -> None:
+    with _local_client() as client:
+        response = client.request(method, f"{server.url}{path}", content=body)
+
+    assert response.status_code == status
+    assert "detail" in response.json()
+
+
+def test_sigterm_stops_the_server_cleanly(own_server: Server) -> None:
+    server = own_server
+    workers = _worker_pids(server)
+
+    server.process.send_signal(signal.SIGTERM)
+    returncode = server.process.wait(timeout=STOP_TIMEOUT)
+
+    assert returncode == 0, server.log_text()
+    assert _gone_within(workers, STOP_TIMEOUT), server.log_text()
+
+
+def _gone_within(pids: set[int], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while any(Path(f"/proc/{pid}").exists() for pid in pids):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
