@@ -2,8 +2,11 @@
 
 import contextlib
 import os
+import shutil
 import socket
+import subprocess
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,6 +14,7 @@ from pathlib import Path
 import psycopg
 import pyarrow.parquet as pq
 import pytest
+import redis
 from psycopg import sql
 from sqlalchemy.engine import make_url
 
@@ -177,3 +181,129 @@ def through_proxy(url: str, proxy: TcpProxy) -> str:
     return (
         make_url(url).set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
     )
+
+
+REDIS_URL = os.environ.get("RECOMMENDER_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> str:
+    """The URL of the machine's running Redis (tests use keys of their own, never flush)."""
+    try:
+        client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=3)
+        client.ping()
+        client.close()
+    except redis.RedisError as error:
+        service_missing("Redis", f"{REDIS_URL} did not answer ({error})")
+    return REDIS_URL
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class RedisProcess:
+    """A redis-server of the test's own on a loopback port, which the test may kill and restart."""
+
+    def __init__(self, directory: Path, port: int | None = None, *options: str) -> None:
+        self.directory = directory
+        self.port = port or free_port()
+        self.options = options
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> "RedisProcess":
+        """Start the server and wait (bounded) until it answers."""
+        binary = shutil.which("redis-server")
+        if binary is None:
+            service_missing("redis-server", "the binary is not on PATH")
+        self.directory.mkdir(parents=True, exist_ok=True)
+        command = [
+            binary,
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(self.directory),
+            *self.options,
+        ]
+        self.process = subprocess.Popen(
+            command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with contextlib.suppress(redis.RedisError):
+                redis.Redis(port=self.port, socket_connect_timeout=0.5).ping()
+                return self
+            time.sleep(0.05)
+        self.kill()
+        raise RuntimeError(f"redis-server on port {self.port} did not start")
+
+    def kill(self) -> None:
+        """Stop the server at once, as a crash would (SIGKILL)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+        self.process = None
+
+
+@pytest.fixture
+def redis_process(tmp_path: Path) -> Iterator[RedisProcess]:
+    """A private redis-server, started; stopped after the test."""
+    server = RedisProcess(tmp_path / "redis").start()
+    yield server
+    server.kill()
+
+
+@pytest.fixture
+def redis_cluster(tmp_path: Path) -> Iterator[str]:
+    """A private 3-master Redis Cluster on loopback ports; its ``redis+cluster://`` URL."""
+    nodes = [
+        RedisProcess(
+            tmp_path / f"node{i}",
+            None,
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            str(tmp_path / f"node{i}" / "nodes.conf"),
+            "--cluster-node-timeout",
+            "2000",
+        )
+        for i in range(3)
+    ]
+    try:
+        for node in nodes:
+            node.start()
+        addresses = [f"127.0.0.1:{node.port}" for node in nodes]
+        subprocess.run(
+            ["redis-cli", "--cluster", "create", *addresses, "--cluster-yes"],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+        _wait_for_cluster(nodes[0].port)
+        yield f"redis+cluster://127.0.0.1:{nodes[0].port}"
+    finally:
+        for node in nodes:
+            node.kill()
+
+
+def _wait_for_cluster(port: int) -> None:
+    client = redis.Redis(port=port)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if client.cluster("info").get("cluster_state") == "ok":
+            return
+        time.sleep(0.1)
+    raise RuntimeError("the Redis Cluster did not become ready")
