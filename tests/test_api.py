@@ -492,6 +492,20 @@ def test_healthz_answers_ok(client: Client) -> None:
     assert response.json() == {"status": "ok"}
 
 
+def test_readyz_reports_the_embedded_store_ready_with_what_was_loaded(
+    client: Client, recommender: Recommender
+) -> None:
+    response = client.get("/readyz")
+
+    assert response.status_code == 200
+    assert response.json() == {
+        "status": "ready",
+        "store": "ok",
+        "restaurants": len(recommender.catalog),
+        "users": recommender.store.n_users,
+    }
+
+
 def test_openapi_documents_get_and_post_of_the_recommend_route(client: Client) -> None:
     paths = client.get("/openapi.json").json()["paths"]
 

@@ -149,6 +149,24 @@ def create_app(recommender: Recommender) -> FastAPI:
         """The process is alive."""
         return {"status": "ok"}
 
+    @app.get("/readyz")
+    async def readyz() -> JSONResponse:
+        """Ready to answer: data loaded and the store reachable; a failed cache only degrades."""
+        parts = await recommender.store.status()
+        if parts["store"] != "ok":
+            state, code = "unavailable", 503
+        elif any(value != "ok" for value in parts.values()):
+            state, code = "degraded", 200
+        else:
+            state, code = "ready", 200
+        body = {
+            "status": state,
+            **parts,
+            "restaurants": len(recommender.catalog),
+            "users": recommender.store.n_users,
+        }
+        return JSONResponse(body, status_code=code)
+
     @app.exception_handler(ParameterError)
     async def parameter_error(request: Request, error: ParameterError) -> JSONResponse:
         return JSONResponse(

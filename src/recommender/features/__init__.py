@@ -24,6 +24,10 @@ class FeatureStore(Protocol):
         """
         ...
 
+    async def status(self) -> dict[str, str]:
+        """Each part of the store (``store``, ``cache``) and its state: ``ok`` or why not."""
+        ...
+
     async def open(self) -> None:
         """Connect; called in each worker process after it starts."""
         ...

@@ -26,6 +26,10 @@ class EmbeddedStore:
             return None
         return self._features[row].astype(np.float64)
 
+    async def status(self) -> dict[str, str]:
+        """Always ready: the features are in memory."""
+        return {"store": "ok"}
+
     async def open(self) -> None:
         """Nothing to connect: the mapping is inherited from the master process."""
 

@@ -86,11 +86,17 @@ class CachedStore:
             await self._client.aclose()
         await self.store.close()
 
-    def status(self) -> str:
-        """``ok``, or ``degraded: <reason>`` while Redis is being skipped."""
+    async def status(self) -> dict[str, str]:
+        """The store's state, and the cache's: ``ok``, or ``degraded: <reason>``."""
+        states = await self.store.status()
+        if self._client is not None and time.monotonic() >= self._failed_until:
+            try:
+                await self._client.ping()
+            except (redis.exceptions.RedisError, OSError) as error:
+                self._fail(error)
         if time.monotonic() < self._failed_until:
-            return f"degraded: {self._failure}"
-        return "ok"
+            return {**states, "cache": f"degraded: {self._failure}"}
+        return {**states, "cache": "ok"}
 
     async def features(self, user_id: str) -> np.ndarray | None:
         """The user's features as float64, None for an unknown user.

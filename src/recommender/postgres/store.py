@@ -76,6 +76,17 @@ class PostgresStore:
         if self._pool is not None:
             await self._pool.close()
 
+    async def status(self) -> dict[str, str]:
+        """``ok`` when PostgreSQL answers a trivial query within the timeout."""
+        if self._pool is None:
+            return {"store": "unavailable: the pool is not open"}
+        try:
+            async with self._pool.connection() as connection:
+                await connection.execute("SELECT 1")
+        except (psycopg.Error, psycopg_pool.PoolTimeout) as error:
+            return {"store": f"unavailable: {type(error).__name__}"}
+        return {"store": "ok"}
+
     async def features(self, user_id: str) -> np.ndarray | None:
         """The user's features as float64, None for an unknown user.
 
