@@ -78,6 +78,20 @@ def _parser() -> argparse.ArgumentParser:
     )
     load.set_defaults(run=_load_database)
 
+    bench = commands.add_parser("bench", help="replay request.parquet and measure")
+    target = bench.add_mutually_exclusive_group()
+    target.add_argument("--url", help="measure a running server at this URL")
+    target.add_argument(
+        "--start", action="store_true", help="start the servers to measure (the default)"
+    )
+    bench.add_argument("--data-dir", type=Path, default=Path("data"), help="default: data")
+    bench.add_argument("--requests", type=Path, help="default: <data-dir>/request.parquet")
+    bench.add_argument("--duration", type=float, default=30.0, help="seconds per run")
+    bench.add_argument("--out", type=Path, default=Path("bench-results"))
+    bench.add_argument("--store", help="also measure this PostgreSQL store")
+    bench.add_argument("--cache", help="with --store: a Redis cache in front of it")
+    bench.set_defaults(run=_bench)
+
     cache = commands.add_parser("cache", help="manage the Redis cache")
     cache_commands = cache.add_subparsers(required=True, metavar="COMMAND")
     warm = cache_commands.add_parser("warm", help="fill the cache with every user's features")
@@ -134,6 +148,25 @@ def _serve(arguments: argparse.Namespace) -> int:
     if isinstance(recommender.store, CachedStore) and settings.cache_warm:
         _warm(settings, recommender.store)
     serve(recommender, settings)
+    return 0
+
+
+def _bench(arguments: argparse.Namespace) -> int:
+    from recommender.bench.runner import BenchPlan, run
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    plan = BenchPlan(
+        data_dir=arguments.data_dir,
+        requests_file=arguments.requests or arguments.data_dir / "request.parquet",
+        out=arguments.out,
+        seconds=arguments.duration,
+        url=arguments.url,
+        store=arguments.store,
+        cache=arguments.cache,
+    )
+    results = run(plan, progress=log.info)
+    log.info("speed-up over the exhaustive ranker: %s", results["speedup_over_exhaustive"])
+    log.info("wrote %s", plan.out / "results.json")
     return 0
 
 

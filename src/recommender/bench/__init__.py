@@ -1,0 +1,1 @@
+"""The benchmark of record: replaying sample requests against a running server."""
