@@ -12,6 +12,7 @@ later calls reinstall only when requirements.lock or pyproject.toml changed.
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import venv
@@ -38,7 +39,7 @@ def main(argv: list[str]) -> int:
     if not rest:
         print("dev.py run: name a command to run", file=sys.stderr)
         return 2
-    return _exec([str(BIN / rest[0]) if (BIN / rest[0]).exists() else rest[0], *rest[1:]])
+    return _exec(rest)
 
 
 def ensure_environment() -> None:
@@ -70,9 +71,14 @@ def _fingerprint() -> str:
 
 
 def _exec(command: list[str]) -> int:
+    """Replace this process with ``command``, so signals reach the server directly."""
     os.chdir(ROOT)
     env = dict(os.environ, VIRTUAL_ENV=str(VENV), PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
-    return subprocess.run(command, env=env).returncode
+    executable = shutil.which(command[0], path=env["PATH"])
+    if executable is None:
+        print(f"dev.py: no command {command[0]!r} in the project's environment", file=sys.stderr)
+        return 127
+    os.execve(executable, command, env)
 
 
 if __name__ == "__main__":

@@ -52,7 +52,15 @@ _RESPONSES = {
     },
     404: {
         "description": "Unknown user.",
-        "content": {"application/json": {"schema": _ERROR_SCHEMA}},
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["detail", "user_id"],
+                    "properties": {"detail": {"type": "string"}, "user_id": {"type": "string"}},
+                }
+            }
+        },
     },
     422: {
         "description": "A parameter with a value that is not allowed.",
@@ -140,7 +148,7 @@ def create_app(recommender: Recommender) -> FastAPI:
         body = await _body_parameters(request)
         query = _query_parameters(request)
         for name in PARAMETERS:
-            if name in body and name in query:
+            if name in body and name in query and query[name].strip():
                 raise ParameterError(name, f"{name} is given in both the query and the body")
         return await _answer(recommender, user_id, {**query, **body})
 

@@ -46,6 +46,9 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--features", type=int, default=1000, help="default: 1000")
     generate.add_argument("--requests", type=int, default=2000, help="default: 2000")
     generate.add_argument("--seed", type=int, default=0, help="default: 0")
+    generate.add_argument(
+        "--force", action="store_true", help="overwrite the files of an existing directory"
+    )
     generate.set_defaults(run=_generate)
 
     serve = commands.add_parser("serve", help="serve the HTTP API")
@@ -58,11 +61,13 @@ def _parser() -> argparse.ArgumentParser:
     recommend = commands.add_parser("recommend", help="print the API's answer for one request")
     _add_data_options(recommend)
     recommend.add_argument("user_id")
-    recommend.add_argument("--latitude", required=True)
-    recommend.add_argument("--longitude", required=True)
-    recommend.add_argument("--size")
-    recommend.add_argument("--max-dis", dest="max_dis")
-    recommend.add_argument("--sort-dis", dest="sort_dis")
+    recommend.add_argument("--latitude", required=True, help="WGS-84 degrees, -90 to 90")
+    recommend.add_argument("--longitude", required=True, help="WGS-84 degrees, -180 to 180")
+    recommend.add_argument("--size", help="restaurants to return at most (default 20)")
+    recommend.add_argument("--max-dis", dest="max_dis", help="radius in metres (default 5000)")
+    recommend.add_argument(
+        "--sort-dis", dest="sort_dis", help="1: order by displacement; 0: by difference"
+    )
     recommend.set_defaults(run=_recommend)
 
     database = commands.add_parser("db", help="manage the PostgreSQL store")
@@ -74,7 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     load.add_argument(
         "--database-url",
         help="postgresql://user:password@host:port/database "
-        "(default: RECOMMENDER_STORE, else RECOMMENDER_DATABASE_URL)",
+        "(default: RECOMMENDER_DATABASE_URL, else RECOMMENDER_STORE)",
     )
     load.set_defaults(run=_load_database)
 
@@ -120,6 +125,11 @@ def _settings(arguments: argparse.Namespace) -> Settings:
 def _generate(arguments: argparse.Namespace) -> int:
     from recommender.dataset.generate import generate
 
+    out = arguments.out
+    holds_files = out.is_file() or (out.is_dir() and any(out.iterdir()))
+    if holds_files and not arguments.force:
+        log.error("%s already holds files; pass --force to overwrite them", arguments.out)
+        return 2
     started = time.perf_counter()
     try:
         generate(

@@ -94,6 +94,8 @@ def load_recommender(
         cannot be reached or holds data for another model.
     """
     started = time.perf_counter()
+    if not settings.data_dir.is_dir():
+        raise DataError(f"data directory {settings.data_dir} does not exist")
     model = load_model(settings.data_dir / MODEL_FILE)
     if settings.store == "embedded":
         catalog, store, skipped, prepared = _load_embedded(settings, model, progress)
