@@ -252,7 +252,9 @@ def _load_database(arguments: argparse.Namespace) -> int:
     from recommender.postgres.load import load_database
 
     settings = _settings(arguments)
-    url = arguments.database_url or settings.database_url
+    if arguments.database_url is not None:
+        settings = Settings(**{**settings.model_dump(), "database_url": arguments.database_url})
+    url = settings.database_url
     if url is None:
         log.error("name the database: --database-url postgresql://user@host:port/database")
         return 2

@@ -91,6 +91,15 @@ class Settings(BaseSettings):
             )
         return value
 
+    @field_validator("database_url")
+    @classmethod
+    def _known_database(cls, value: str | None) -> str | None:
+        if value is not None and not is_database_url(value):
+            raise ValueError(
+                f"{value!r} is not a PostgreSQL URL: use postgresql://user@host:port/db"
+            )
+        return value
+
     @field_validator("cache")
     @classmethod
     def _known_cache(cls, value: str | None) -> str | None:

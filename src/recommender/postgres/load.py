@@ -1,9 +1,9 @@
 """Bulk-loading a data directory into PostgreSQL with COPY, swapped in atomically.
 
-Everything happens in one transaction: fresh tables under a unique suffix are created and
-filled with COPY, indexed, then renamed over the live ones. A server reading during the load
-keeps seeing the previous data until the commit, and a failed load leaves the database as it
-was.
+Everything happens in one transaction: fresh tables under a unique suffix are created with
+their keys and indexes, filled with COPY, then renamed over the live ones. A server reading
+during the load keeps seeing the previous data until the commit, and a failed load leaves the
+database as it was.
 """
 
 import datetime
@@ -17,6 +17,7 @@ import h3.api.basic_int as h3
 import psycopg
 from psycopg import sql
 from sqlalchemy import MetaData, insert, inspect
+from sqlalchemy.exc import DBAPIError
 
 from recommender.dataset.reader import (
     DataError,
@@ -37,6 +38,7 @@ from recommender.postgres.schema import (
     dataset_table,
     engine_for,
     restaurants_table,
+    safe_url,
     users_table,
 )
 
@@ -95,7 +97,11 @@ def load_database(
                 copy.set_types(["text", "bytea"])
                 for batch, read in iter_valid_users(users_file, model.n_features, checks):
                     if checks.not_finite.count:
-                        raise DataError(f"{checks.not_finite}; nothing was loaded")
+                        rows = ", ".join(checks.not_finite.examples)
+                        raise DataError(
+                            f"{users_file}: a user row has a missing or non-finite feature "
+                            f"({rows}); the load stopped and nothing was loaded"
+                        )
                     rows = batch.features.astype(dtype.newbyteorder("<"), copy=False)
                     for user_id, features in zip(batch.ids, rows, strict=True):
                         copy.write_row((user_id, features.tobytes()))
@@ -127,8 +133,9 @@ def load_database(
                 )
             )
             _swap_into_place(connection, raw, staged, suffix)
-    except psycopg.OperationalError as error:
-        raise DataError(f"cannot load into the database: {error}") from error
+    except (psycopg.Error, DBAPIError) as error:
+        reason = getattr(error, "orig", None) or error
+        raise DataError(f"cannot load into {safe_url(url)}: {reason}") from error
     finally:
         engine.dispose()
 

@@ -65,6 +65,11 @@ def is_database_url(value: str) -> bool:
     return value.startswith(("postgresql://", "postgres://", "postgresql+psycopg://"))
 
 
+def safe_url(url: str) -> str:
+    """``url`` with its password hidden, for messages and logs."""
+    return make_url(url).render_as_string(hide_password=True)
+
+
 def libpq_url(url: str) -> str:
     """The URL as psycopg expects it (without SQLAlchemy's ``+driver`` part)."""
     return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)

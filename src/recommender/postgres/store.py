@@ -7,7 +7,7 @@ import numpy as np
 import psycopg
 import psycopg_pool
 from sqlalchemy import bindparam, inspect, select
-from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.engine import Connection
 from sqlalchemy.exc import OperationalError
 
 from recommender.dataset.reader import DataError, RestaurantTable
@@ -17,6 +17,7 @@ from recommender.postgres.schema import (
     engine_for,
     libpq_url,
     restaurants_table,
+    safe_url,
     users_table,
 )
 
@@ -57,7 +58,7 @@ class PostgresStore:
         self._query = str(query.compile(dialect=engine_for(url).dialect))
 
     async def open(self) -> None:
-        """Start the pool; connections are made in the background and retried forever."""
+        """Start the pool; connections are made, and remade after failures, in the background."""
         self._pool = psycopg_pool.AsyncConnectionPool(
             self.url,
             min_size=1,
@@ -67,7 +68,6 @@ class PostgresStore:
             kwargs={"autocommit": True, "connect_timeout": max(1, round(self.timeout))},
             configure=self._configure,
             check=psycopg_pool.AsyncConnectionPool.check_connection,
-            reconnect_timeout=0,
         )
         await self._pool.open(wait=False)
 
@@ -163,7 +163,7 @@ def read_database(url: str, wait_seconds: float) -> tuple[dict, RestaurantTable,
             except OperationalError as error:
                 if time.monotonic() >= deadline:
                     raise DatabaseUnreachable(
-                        f"PostgreSQL at {_safe(url)} did not answer within {wait_seconds:g} s: "
+                        f"PostgreSQL at {safe_url(url)} did not answer within {wait_seconds:g} s: "
                         f"{error.orig}"
                     ) from error
                 time.sleep(1.0)
@@ -194,7 +194,3 @@ def _read(connection: Connection) -> tuple[dict, RestaurantTable, np.ndarray]:
         longitude=np.array(columns[3], dtype=np.float64),
     )
     return dict(dataset), table, np.array(columns[4], dtype=np.int64).astype(np.uint64)
-
-
-def _safe(url: str) -> str:
-    return make_url(url).render_as_string(hide_password=True)

@@ -1,0 +1,493 @@
+"""User features served from PostgreSQL: the same answers as the embedded store, and behaviour
+when the database is missing at start or goes away while serving.
+
+The database "goes away" through a cuttable TCP proxy (``postgres_proxy``), never by stopping
+the PostgreSQL server that other tests share.
+"""
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from conftest import SMALL, TcpProxy, through_proxy
+
+from recommender.contract import parse_query, render
+from recommender.dataset.generate import generate
+from recommender.dataset.reader import DataError
+from recommender.features import StoreUnavailable
+from recommender.postgres.load import load_database
+from recommender.postgres.store import PostgresStore
+from recommender.service import Recommender, load_recommender
+from recommender.settings import Settings
+
+RECOMMENDER = Path(sys.executable).with_name("recommender")
+N_USERS = SMALL["n_users"]
+N_RESTAURANTS = SMALL["n_restaurants"]
+N_FEATURES = SMALL["n_features"]
+WORKERS = 2
+# Bounds on waiting, not expectations of speed: a healthy server needs a small part of them.
+START_TIMEOUT = 30.0
+STOP_TIMEOUT = 30.0
+CLIENT_TIMEOUT = 10.0
+RECOVERY_TIMEOUT = 30.0
+# Seconds the served store waits for PostgreSQL per request before answering 503.
+STORE_TIMEOUT = 1
+N_REQUESTS = 16
+
+
+@pytest.fixture
+def loaded_url(database_url: str, data_dir: Path) -> str:
+    """A database holding the small data."""
+    load_database(data_dir, database_url)
+    return database_url
+
+
+@pytest.fixture
+def unused_port() -> int:
+    """A loopback port nothing listens on."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _environment(**settings: str) -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if not key.startswith("RECOMMENDER_")}
+    env.update({f"RECOMMENDER_{name.upper()}": value for name, value in settings.items()})
+    return env
+
+
+# Answers.
+
+
+def _embedded_answers(recommender: Recommender, requests: list[dict]) -> list[bytes]:
+    return [
+        render(
+            asyncio.run(
+                recommender.recommend(request["user_id"], parse_query(request, recommender.limits))
+            )
+        )
+        for request in requests
+    ]
+
+
+def _postgres_answers(recommender: Recommender, requests: list[dict]) -> list[bytes]:
+    async def answer_all() -> list[bytes]:
+        await recommender.store.open()
+        try:
+            return [
+                render(
+                    await recommender.recommend(
+                        request["user_id"], parse_query(request, recommender.limits)
+                    )
+                )
+                for request in requests
+            ]
+        finally:
+            await recommender.store.close()
+
+    return asyncio.run(answer_all())
+
+
+@pytest.mark.parametrize("loads", [1, 2], ids=["loaded-once", "loaded-twice"])
+def test_postgres_answers_every_request_byte_for_byte_as_the_embedded_store(
+    database_url: str,
+    data_dir: Path,
+    recommender: Recommender,
+    requests: list[dict],
+    loads: int,
+) -> None:
+    for _ in range(loads):
+        load_database(data_dir, database_url)
+    served = load_recommender(Settings(data_dir=data_dir, store=database_url))
+
+    answers = _postgres_answers(served, requests)
+
+    expected = _embedded_answers(recommender, requests)
+    mismatches = [
+        number
+        for number, (answer, wanted) in enumerate(zip(answers, expected, strict=True))
+        if answer != wanted
+    ]
+    assert mismatches == []
+
+
+def test_the_postgres_recommender_reports_what_the_database_holds(
+    loaded_url: str, data_dir: Path
+) -> None:
+    report = load_recommender(Settings(data_dir=data_dir, store=loaded_url)).report
+
+    assert (report.n_users, report.n_restaurants, report.store) == (
+        N_USERS,
+        N_RESTAURANTS,
+        "postgresql",
+    )
+
+
+async def _read_features(store: PostgresStore, user_id: str) -> np.ndarray | None:
+    await store.open()
+    try:
+        return await asyncio.wait_for(store.features(user_id), CLIENT_TIMEOUT)
+    finally:
+        await store.close()
+
+
+def test_features_of_an_unknown_user_are_none(loaded_url: str) -> None:
+    store = PostgresStore(loaded_url, N_FEATURES, "float32", N_USERS, timeout=5.0, pool_size=1)
+
+    assert asyncio.run(_read_features(store, "nobody")) is None
+
+
+def test_a_database_without_loaded_data_is_refused_at_start(
+    database_url: str, data_dir: Path
+) -> None:
+    with pytest.raises(DataError, match="recommender db load"):
+        load_recommender(Settings(data_dir=data_dir, store=database_url))
+
+
+def test_a_database_loaded_for_another_model_is_refused_at_start(
+    loaded_url: str, tmp_path: Path
+) -> None:
+    other = tmp_path / "other"
+    generate(other, n_users=5, n_restaurants=40, n_features=4, n_requests=0, seed=1)
+
+    loaded_for = f"{N_RESTAURANTS} restaurants x {N_FEATURES} features.*40 x 4"
+    with pytest.raises(DataError, match=loaded_for):
+        load_recommender(Settings(data_dir=other, store=loaded_url))
+
+
+# The store when PostgreSQL goes away.
+
+
+def _first_user(data_dir: Path) -> tuple[str, np.ndarray]:
+    table = pq.read_table(data_dir / "user.parquet").slice(0, 1).to_pylist()[0]
+    features = np.array([table[f"feature_{j}"] for j in range(N_FEATURES)], dtype=np.float32)
+    return table["user_id"], features.astype(np.float64)
+
+
+def _proxied_store(loaded_url: str, proxy: TcpProxy) -> PostgresStore:
+    url = through_proxy(loaded_url, proxy)
+    return PostgresStore(url, N_FEATURES, "float32", N_USERS, timeout=STORE_TIMEOUT, pool_size=2)
+
+
+def test_the_store_raises_store_unavailable_while_postgres_is_cut(
+    loaded_url: str, data_dir: Path, postgres_proxy: TcpProxy
+) -> None:
+    store = _proxied_store(loaded_url, postgres_proxy)
+    user_id, _ = _first_user(data_dir)
+
+    async def read_before_and_during_cut() -> None:
+        await store.open()
+        try:
+            await asyncio.wait_for(store.features(user_id), CLIENT_TIMEOUT)
+            postgres_proxy.cut()
+            await asyncio.wait_for(store.features(user_id), CLIENT_TIMEOUT)
+        finally:
+            await store.close()
+
+    with pytest.raises(StoreUnavailable):
+        asyncio.run(read_before_and_during_cut())
+
+
+def test_the_store_answers_again_once_postgres_comes_back(
+    loaded_url: str, data_dir: Path, postgres_proxy: TcpProxy
+) -> None:
+    store = _proxied_store(loaded_url, postgres_proxy)
+    user_id, features = _first_user(data_dir)
+
+    async def read_across_cut_and_restore() -> np.ndarray:
+        await store.open()
+        try:
+            await asyncio.wait_for(store.features(user_id), CLIENT_TIMEOUT)
+            postgres_proxy.cut()
+            with pytest.raises(StoreUnavailable):
+                await asyncio.wait_for(store.features(user_id), CLIENT_TIMEOUT)
+            postgres_proxy.restore()
+            deadline = time.monotonic() + RECOVERY_TIMEOUT
+            while True:
+                try:
+                    return await asyncio.wait_for(store.features(user_id), CLIENT_TIMEOUT)
+                except StoreUnavailable:
+                    if time.monotonic() > deadline:
+                        raise
+                    await asyncio.sleep(0.2)
+        finally:
+            await store.close()
+
+    assert np.array_equal(asyncio.run(read_across_cut_and_restore()), features)
+
+
+# The server.
+
+
+@dataclass
+class Server:
+    """A running ``recommender serve`` process and the address it answers on."""
+
+    process: subprocess.Popen
+    url: str
+    log: Path
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _client() -> httpx.Client:
+    # trust_env=False: no proxy from the environment may see this traffic.
+    return httpx.Client(trust_env=False, timeout=CLIENT_TIMEOUT)
+
+
+def _start(data_dir: Path, store: str, tmp_path: Path) -> Server:
+    port = _free_port()
+    env = _environment(
+        prepared_dir=str(tmp_path / "prepared"),
+        store_timeout=str(STORE_TIMEOUT),
+        store_start_timeout="10",
+    )
+    log = tmp_path / "server.log"
+    command = [str(RECOMMENDER), "serve", "--store", store, "--data-dir", str(data_dir)]
+    with log.open("wb") as output:
+        process = subprocess.Popen(
+            [*command, "--port", str(port), "--workers", str(WORKERS)],
+            env=env,
+            cwd=tmp_path,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            # Its own process group, so teardown can end the workers along with the master.
+            start_new_session=True,
+        )
+    return Server(process=process, url=f"http://127.0.0.1:{port}", log=log)
+
+
+def _wait_until_healthy(server: Server) -> None:
+    deadline = time.monotonic() + START_TIMEOUT
+    with _client() as client:
+        while time.monotonic() < deadline:
+            if server.process.poll() is not None:
+                pytest.fail(f"server exited with {server.process.returncode}:\n{server.log_text()}")
+            try:
+                if client.get(f"{server.url}/healthz").status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+    pytest.fail(f"server did not answer /healthz within {START_TIMEOUT} s:\n{server.log_text()}")
+
+
+def _stop(server: Server) -> None:
+    if server.process.poll() is not None:
+        return
+    server.process.terminate()
+    try:
+        server.process.wait(timeout=STOP_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(server.process.pid, signal.SIGKILL)
+        server.process.wait()
+
+
+def _worker_pids(server: Server) -> set[int]:
+    """The processes whose parent is the server's master, read from /proc."""
+    children = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == server.process.pid:
+            children.add(int(stat.parent.name))
+    return children
+
+
+def _wait_for_workers(server: Server) -> None:
+    # The first worker may answer /healthz before the master has forked the others.
+    deadline = time.monotonic() + START_TIMEOUT
+    while len(_worker_pids(server)) != WORKERS:
+        if time.monotonic() > deadline:
+            pytest.fail(f"the server did not run {WORKERS} workers:\n{server.log_text()}")
+        time.sleep(0.1)
+
+
+@pytest.fixture
+def proxied_server(
+    loaded_url: str, data_dir: Path, postgres_proxy: TcpProxy, tmp_path: Path
+) -> Iterator[Server]:
+    """A server reading user features through the cuttable proxy."""
+    running = _start(data_dir, through_proxy(loaded_url, postgres_proxy), tmp_path)
+    try:
+        _wait_until_healthy(running)
+        _wait_for_workers(running)
+        yield running
+    finally:
+        _stop(running)
+
+
+def _ask(server: Server, request: dict) -> int | str:
+    """The status of one request on a fresh connection, or the transport error's name."""
+    # A fresh connection per request, so that either worker may accept it.
+    with _client() as client:
+        url = f"{server.url}/recommend/{request['user_id']}"
+        parameters = {"latitude": request["latitude"], "longitude": request["longitude"]}
+        try:
+            response = client.get(url, params=parameters)
+        except httpx.TransportError as error:
+            return type(error).__name__
+    if response.status_code == 503 and "detail" not in _json_object(response):
+        return "503 without a JSON detail"
+    return response.status_code
+
+
+def _json_object(response: httpx.Response) -> dict:
+    try:
+        body = response.json()
+    except ValueError:
+        return {}
+    return body if isinstance(body, dict) else {}
+
+
+def _ask_many(server: Server, requests: list[dict]) -> list[int | str]:
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        return list(pool.map(lambda request: _ask(server, request), requests))
+
+
+def test_serve_exits_with_a_clear_message_when_postgres_is_unreachable_at_start(
+    data_dir: Path, tmp_path: Path, unused_port: int
+) -> None:
+    store = f"postgresql://postgres@127.0.0.1:{unused_port}/test"
+    env = _environment(prepared_dir=str(tmp_path / "prepared"), store_start_timeout="2")
+    command = [str(RECOMMENDER), "serve", "--store", store, "--data-dir", str(data_dir)]
+
+    finished = subprocess.run(
+        [*command, "--port", str(_free_port())],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=START_TIMEOUT,
+    )
+
+    assert finished.returncode != 0
+    assert f"127.0.0.1:{unused_port}/test did not answer within 2 s" in finished.stderr
+    assert "Traceback" not in finished.stderr
+
+
+def test_requests_are_answered_503_with_a_json_body_while_postgres_is_cut(
+    proxied_server: Server, postgres_proxy: TcpProxy, requests: list[dict]
+) -> None:
+    assert _ask_many(proxied_server, requests[:N_REQUESTS]) == [200] * N_REQUESTS
+
+    postgres_proxy.cut()
+    statuses = _ask_many(proxied_server, requests[:N_REQUESTS])
+
+    assert statuses == [503] * N_REQUESTS
+
+
+def test_losing_postgres_costs_no_worker(
+    proxied_server: Server, postgres_proxy: TcpProxy, requests: list[dict]
+) -> None:
+    workers = _worker_pids(proxied_server)
+    _ask_many(proxied_server, requests[:N_REQUESTS])
+
+    postgres_proxy.cut()
+    _ask_many(proxied_server, requests[:N_REQUESTS])
+    postgres_proxy.restore()
+    _ask_many(proxied_server, requests[:N_REQUESTS])
+
+    assert _worker_pids(proxied_server) == workers
+
+
+def _wait_for_answers(server: Server, request: dict) -> None:
+    deadline = time.monotonic() + RECOVERY_TIMEOUT
+    while _ask(server, request) != 200:
+        if time.monotonic() > deadline:
+            pytest.fail(f"no answer within {RECOVERY_TIMEOUT} s of restoring PostgreSQL")
+        time.sleep(0.2)
+
+
+def test_requests_succeed_again_once_postgres_comes_back(
+    proxied_server: Server, postgres_proxy: TcpProxy, requests: list[dict]
+) -> None:
+    postgres_proxy.cut()
+    assert set(_ask_many(proxied_server, requests[:N_REQUESTS])) == {503}
+
+    postgres_proxy.restore()
+    _wait_for_answers(proxied_server, requests[0])
+    statuses = _ask_many(proxied_server, requests[:N_REQUESTS])
+
+    assert statuses == [200] * N_REQUESTS
+
+
+class RequestStream:
+    """Threads sending requests back to back until stopped, each status counted.
+
+    A request that fails at the transport (refused, reset, timed out) counts by the error's
+    name. Each thread sends at most ``limit`` requests, so the stream is bounded.
+    """
+
+    def __init__(self, server: Server, requests: list[dict], limit: int = 5000) -> None:
+        self.statuses: list[int | str] = []
+        self._stopped = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._send, args=(server, requests[offset::4], limit))
+            for offset in range(4)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def _send(self, server: Server, requests: list[dict], limit: int) -> None:
+        for number in range(limit):
+            if self._stopped.is_set():
+                return
+            self.statuses.append(_ask(server, requests[number % len(requests)]))
+
+    def wait_for(self, status: int | str, timeout: float, more: int = 1) -> None:
+        """Wait until ``status`` is counted ``more`` times more than now."""
+        wanted = self.statuses.count(status) + more
+        deadline = time.monotonic() + timeout
+        while self.statuses.count(status) < wanted:
+            if time.monotonic() > deadline:
+                pytest.fail(f"no {status} within {timeout} s; statuses so far: {self.counts()}")
+            time.sleep(0.05)
+
+    def stop(self) -> dict[int | str, int]:
+        self._stopped.set()
+        for thread in self._threads:
+            thread.join()
+        return self.counts()
+
+    def counts(self) -> dict[int | str, int]:
+        statuses = list(self.statuses)
+        return {status: statuses.count(status) for status in set(statuses)}
+
+
+def test_requests_across_a_cut_and_a_restore_get_an_answer_or_a_503_and_never_hang(
+    proxied_server: Server, postgres_proxy: TcpProxy, requests: list[dict]
+) -> None:
+    stream = RequestStream(proxied_server, requests)
+    try:
+        stream.wait_for(200, RECOVERY_TIMEOUT)
+        postgres_proxy.cut()
+        stream.wait_for(503, RECOVERY_TIMEOUT)
+        postgres_proxy.restore()
+        stream.wait_for(200, RECOVERY_TIMEOUT, more=N_REQUESTS)
+    finally:
+        counts = stream.stop()
+
+    assert set(counts) == {200, 503}, counts
