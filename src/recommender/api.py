@@ -5,7 +5,7 @@ import json
 from collections.abc import AsyncIterator
 
 import orjson
-from fastapi import FastAPI, Path, Query, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
@@ -91,12 +91,32 @@ _BODY_DOC = {
     }
 }
 
-UserId = Path(max_length=MAX_USER_ID_LENGTH, description="The user's id.")
-Latitude = Query(None, description="WGS-84 degrees, -90 to 90. Required.")
-Longitude = Query(None, description="WGS-84 degrees, -180 to 180. Required.")
-Size = Query(None, description="Restaurants to return at most, a whole number (default 20).")
-MaxDis = Query(None, description="Search radius in metres, positive (default 5000).")
-SortDis = Query(None, description="1: order by displacement; 0: by difference (default).")
+
+def _parameter(name: str, location: str, description: str, required: bool = False) -> dict:
+    schema = {"type": "string"} if location == "path" else {"type": ["number", "string"]}
+    return {
+        "name": name,
+        "in": location,
+        "required": required,
+        "description": description,
+        "schema": schema,
+    }
+
+
+# Parameters are read from the request and validated by contract.py (lenient numbers, NaN as
+# "not given"), not by FastAPI; they are declared here for the OpenAPI document only.
+_PARAMETERS_DOC = {
+    "parameters": [
+        _parameter(
+            "user_id", "path", f"The user's id, at most {MAX_USER_ID_LENGTH} characters.", True
+        ),
+        _parameter("latitude", "query", "WGS-84 degrees, -90 to 90. Required (query or body)."),
+        _parameter("longitude", "query", "WGS-84 degrees, -180 to 180. Required (query or body)."),
+        _parameter("size", "query", "Restaurants to return at most, a whole number (default 20)."),
+        _parameter("max_dis", "query", "Search radius in metres, positive (default 5000)."),
+        _parameter("sort_dis", "query", "1: order by displacement; 0: by difference (default)."),
+    ]
+}
 
 
 def create_app(recommender: Recommender) -> FastAPI:
@@ -121,30 +141,20 @@ def create_app(recommender: Recommender) -> FastAPI:
         version="1",
     )
 
-    @app.get("/recommend/{user_id}", responses=_RESPONSES)
-    async def recommend(
-        request: Request,
-        user_id: str = UserId,
-        latitude: str | None = Latitude,
-        longitude: str | None = Longitude,
-        size: str | None = Size,
-        max_dis: str | None = MaxDis,
-        sort_dis: str | None = SortDis,
-    ) -> Response:
+    @app.get("/recommend/{user_id}", responses=_RESPONSES, openapi_extra=_PARAMETERS_DOC)
+    async def recommend(request: Request) -> Response:
         """Recommend restaurants for a user standing at (latitude, longitude)."""
+        user_id = request.path_params["user_id"]
         return await _answer(recommender, user_id, _query_parameters(request))
 
-    @app.post("/recommend/{user_id}", responses=_RESPONSES, openapi_extra=_BODY_DOC)
-    async def recommend_post(
-        request: Request,
-        user_id: str = UserId,
-        latitude: str | None = Latitude,
-        longitude: str | None = Longitude,
-        size: str | None = Size,
-        max_dis: str | None = MaxDis,
-        sort_dis: str | None = SortDis,
-    ) -> Response:
+    @app.post(
+        "/recommend/{user_id}",
+        responses=_RESPONSES,
+        openapi_extra={**_PARAMETERS_DOC, **_BODY_DOC},
+    )
+    async def recommend_post(request: Request) -> Response:
         """As GET, taking parameters from the query string or a JSON object body."""
+        user_id = request.path_params["user_id"]
         body = await _body_parameters(request)
         query = _query_parameters(request)
         for name in PARAMETERS:
