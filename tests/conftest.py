@@ -242,7 +242,7 @@ class RedisProcess:
             command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and self.process.poll() is None:
             with contextlib.suppress(redis.RedisError):
                 redis.Redis(port=self.port, socket_connect_timeout=0.5).ping()
                 return self
@@ -279,6 +279,9 @@ def redis_cluster(tmp_path: Path) -> Iterator[str]:
             str(tmp_path / f"node{i}" / "nodes.conf"),
             "--cluster-node-timeout",
             "2000",
+            # The bus port defaults to port + 10000, which may not exist for a high free port.
+            "--cluster-port",
+            str(free_port()),
         )
         for i in range(3)
     ]

@@ -60,7 +60,9 @@ class Settings(BaseSettings):
         description="Redis in front of a PostgreSQL store: redis://host:port/db, or "
         "redis+cluster://host:port for a Redis Cluster. Unset: no cache.",
     )
-    cache_ttl: float = Field(3600.0, gt=0, description="Seconds a cached feature vector lives.")
+    cache_ttl: float = Field(
+        3600.0, ge=0.001, description="Seconds a cached feature vector lives (at least 1 ms)."
+    )
     cache_timeout: float = Field(
         0.25, gt=0, description="Seconds a Redis call may take before the cache is skipped."
     )

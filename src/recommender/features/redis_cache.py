@@ -8,6 +8,7 @@ When Redis fails, requests go to the store directly (slower, still correct) and 
 tried again after a short pause; ``status`` reports the cache as degraded meanwhile.
 """
 
+import asyncio
 import time
 from collections.abc import Callable, Iterable
 
@@ -23,6 +24,13 @@ from recommender.postgres.store import PostgresStore
 CLUSTER_SCHEME = "redis+cluster://"
 # After a failure, requests skip Redis for this long instead of each paying a timeout.
 _RETRY_AFTER_SECONDS = 1.0
+# A cluster client raises its own family of errors besides the ordinary ones.
+_REDIS_FAILURES = (
+    redis.exceptions.RedisError,
+    redis.exceptions.RedisClusterException,
+    OSError,
+    TimeoutError,
+)
 
 
 def is_cache_url(value: str) -> bool:
@@ -91,8 +99,8 @@ class CachedStore:
         states = await self.store.status()
         if self._client is not None and time.monotonic() >= self._failed_until:
             try:
-                await self._client.ping()
-            except (redis.exceptions.RedisError, OSError) as error:
+                await asyncio.wait_for(self._client.ping(), self.timeout)
+            except _REDIS_FAILURES as error:
                 self._fail(error)
         if time.monotonic() < self._failed_until:
             return {**states, "cache": f"degraded: {self._failure}"}
@@ -126,8 +134,9 @@ class CachedStore:
         if self._client is None or time.monotonic() < self._failed_until:
             return None
         try:
-            return await self._client.get(key)
-        except (redis.exceptions.RedisError, OSError) as error:
+            # The client's own retries could outlast the timeout; this bounds the whole call.
+            return await asyncio.wait_for(self._client.get(key), self.timeout)
+        except _REDIS_FAILURES as error:
             self._fail(error)
             return None
 
@@ -135,8 +144,10 @@ class CachedStore:
         if self._client is None or time.monotonic() < self._failed_until:
             return
         try:
-            await self._client.set(key, value, px=round(self.ttl * 1000))
-        except (redis.exceptions.RedisError, OSError) as error:
+            await asyncio.wait_for(
+                self._client.set(key, value, px=max(1, round(self.ttl * 1000))), self.timeout
+            )
+        except _REDIS_FAILURES as error:
             self._fail(error)
 
     def _fail(self, error: Exception) -> None:
@@ -169,7 +180,7 @@ def warm(
         for batch in batches:
             pipeline = client.pipeline(transaction=False)
             for user_id, value in batch:
-                pipeline.set(feature_key(load_id, user_id), value, px=round(ttl * 1000))
+                pipeline.set(feature_key(load_id, user_id), value, px=max(1, round(ttl * 1000)))
             pipeline.execute()
             written += len(batch)
             if progress is not None:
