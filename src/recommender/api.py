@@ -8,12 +8,14 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.requests import ClientDisconnect
 
 from recommender.contract import (
     MAX_USER_ID_LENGTH,
     PARAMETERS,
     ParameterError,
     check_user_id,
+    is_given,
     parse_query,
     render,
 )
@@ -79,11 +81,11 @@ _BODY_DOC = {
                 "schema": {
                     "type": "object",
                     "properties": {
-                        "latitude": {"type": ["number", "string", "null"]},
-                        "longitude": {"type": ["number", "string", "null"]},
-                        "size": {"type": ["number", "string", "null"]},
-                        "max_dis": {"type": ["number", "string", "null"]},
-                        "sort_dis": {"type": ["number", "string", "null"]},
+                        "latitude": {"type": "number", "minimum": -90, "maximum": 90},
+                        "longitude": {"type": "number", "minimum": -180, "maximum": 180},
+                        "size": {"type": "integer", "minimum": 1, "maximum": 1000},
+                        "max_dis": {"type": "number", "exclusiveMinimum": 0},
+                        "sort_dis": {"type": "integer", "enum": [0, 1]},
                     },
                 }
             }
@@ -92,8 +94,7 @@ _BODY_DOC = {
 }
 
 
-def _parameter(name: str, location: str, description: str, required: bool = False) -> dict:
-    schema = {"type": "string"} if location == "path" else {"type": ["number", "string"]}
+def _parameter(name: str, location: str, description: str, schema: dict, required: bool) -> dict:
     return {
         "name": name,
         "in": location,
@@ -103,20 +104,59 @@ def _parameter(name: str, location: str, description: str, required: bool = Fals
     }
 
 
-# Parameters are read from the request and validated by contract.py (lenient numbers, NaN as
-# "not given"), not by FastAPI; they are declared here for the OpenAPI document only.
-_PARAMETERS_DOC = {
-    "parameters": [
-        _parameter(
-            "user_id", "path", f"The user's id, at most {MAX_USER_ID_LENGTH} characters.", True
-        ),
-        _parameter("latitude", "query", "WGS-84 degrees, -90 to 90. Required (query or body)."),
-        _parameter("longitude", "query", "WGS-84 degrees, -180 to 180. Required (query or body)."),
-        _parameter("size", "query", "Restaurants to return at most, a whole number (default 20)."),
-        _parameter("max_dis", "query", "Search radius in metres, positive (default 5000)."),
-        _parameter("sort_dis", "query", "1: order by displacement; 0: by difference (default)."),
-    ]
-}
+def _parameters_doc(coordinates_required: bool) -> dict:
+    """The route's parameters for the OpenAPI document.
+
+    They are read from the request and validated by contract.py (which also takes forms the
+    schema does not list: ``50.0`` for a size, empty or ``nan`` for "not given").
+    """
+    number = {"type": "number"}
+    return {
+        "parameters": [
+            _parameter(
+                "user_id",
+                "path",
+                f"The user's id, at most {MAX_USER_ID_LENGTH} characters.",
+                {"type": "string", "maxLength": MAX_USER_ID_LENGTH},
+                True,
+            ),
+            _parameter(
+                "latitude",
+                "query",
+                "WGS-84 degrees.",
+                {**number, "minimum": -90, "maximum": 90},
+                coordinates_required,
+            ),
+            _parameter(
+                "longitude",
+                "query",
+                "WGS-84 degrees.",
+                {**number, "minimum": -180, "maximum": 180},
+                coordinates_required,
+            ),
+            _parameter(
+                "size",
+                "query",
+                "Restaurants to return at most (default 20; the upper bound is configurable).",
+                {"type": "integer", "minimum": 1, "maximum": 1000},
+                False,
+            ),
+            _parameter(
+                "max_dis",
+                "query",
+                "Search radius in metres (default 5000).",
+                {**number, "exclusiveMinimum": 0},
+                False,
+            ),
+            _parameter(
+                "sort_dis",
+                "query",
+                "1: order by displacement; 0: by difference (default).",
+                {"type": "integer", "enum": [0, 1]},
+                False,
+            ),
+        ]
+    }
 
 
 def create_app(recommender: Recommender) -> FastAPI:
@@ -141,7 +181,7 @@ def create_app(recommender: Recommender) -> FastAPI:
         version="1",
     )
 
-    @app.get("/recommend/{user_id}", responses=_RESPONSES, openapi_extra=_PARAMETERS_DOC)
+    @app.get("/recommend/{user_id}", responses=_RESPONSES, openapi_extra=_parameters_doc(True))
     async def recommend(request: Request) -> Response:
         """Recommend restaurants for a user standing at (latitude, longitude)."""
         user_id = request.path_params["user_id"]
@@ -150,7 +190,7 @@ def create_app(recommender: Recommender) -> FastAPI:
     @app.post(
         "/recommend/{user_id}",
         responses=_RESPONSES,
-        openapi_extra={**_PARAMETERS_DOC, **_BODY_DOC},
+        openapi_extra={**_parameters_doc(False), **_BODY_DOC},
     )
     async def recommend_post(request: Request) -> Response:
         """As GET, taking parameters from the query string or a JSON object body."""
@@ -158,7 +198,7 @@ def create_app(recommender: Recommender) -> FastAPI:
         body = await _body_parameters(request)
         query = _query_parameters(request)
         for name in PARAMETERS:
-            if name in body and name in query and query[name].strip():
+            if name in body and name in query and is_given(query[name]):
                 raise ParameterError(name, f"{name} is given in both the query and the body")
         return await _answer(recommender, user_id, {**query, **body})
 
@@ -222,6 +262,14 @@ async def _answer(recommender: Recommender, user_id: str, raw: dict) -> Response
     return Response(render(ranking), media_type="application/json")
 
 
+def _refuse_repeated_keys(pairs: list[tuple[str, object]]) -> dict:
+    names = [name for name, _ in pairs]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ParameterError("body", f"{repeated[0]} is given more than once")
+    return dict(pairs)
+
+
 def _query_parameters(request: Request) -> dict[str, str]:
     parameters = {}
     for name, value in request.query_params.multi_items():
@@ -235,17 +283,21 @@ def _query_parameters(request: Request) -> dict[str, str]:
 
 async def _body_parameters(request: Request) -> dict[str, object]:
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_BODY_BYTES:
-            raise ParameterError("body", f"the body must be at most {MAX_BODY_BYTES} bytes")
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_BODY_BYTES:
+                raise ParameterError("body", f"the body must be at most {MAX_BODY_BYTES} bytes")
+    except ClientDisconnect:
+        raise ParameterError("body", "the client went away before sending the whole body") from None
     if not body.strip():
         return {}
     try:
         # The standard parser, unlike orjson, accepts the NaN that many clients send.
-        parsed = json.loads(body)
-    except (ValueError, RecursionError):
-        raise ParameterError("body", "the body must be a JSON object") from None
+        parsed = json.loads(body, object_pairs_hook=_refuse_repeated_keys)
+    except (ValueError, RecursionError) as error:
+        reason = str(error) if isinstance(error, ParameterError) else "not valid JSON"
+        raise ParameterError("body", f"the body must be a JSON object: {reason}") from None
     if not isinstance(parsed, dict):
         raise ParameterError("body", "the body must be a JSON object")
     return {name: parsed[name] for name in PARAMETERS if name in parsed}

@@ -221,6 +221,8 @@ def _every(n: int, report):
 def _recommend(arguments: argparse.Namespace) -> int:
     settings = _settings(arguments)
     recommender = load_recommender(settings)
+    for skipped in recommender.report.skipped:
+        log.warning("%s", skipped)
     raw = {name: getattr(arguments, name) for name in ("latitude", "longitude", "size")}
     raw.update(max_dis=arguments.max_dis, sort_dis=arguments.sort_dis)
     try:

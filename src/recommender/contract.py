@@ -131,6 +131,11 @@ def _number(raw: Mapping[str, object], name: str, rule: str) -> float | None:
     return number
 
 
+def is_given(value: object) -> bool:
+    """Whether a raw parameter value counts as given (not absent, empty or NaN)."""
+    return not _means_not_given(value)
+
+
 def _means_not_given(value: object) -> bool:
     if value is None:
         return True
@@ -145,5 +150,7 @@ def _refuse(raw: Mapping[str, object], name: str, rule: str):
     value = raw.get(name)
     if _means_not_given(value):
         raise ParameterError(name, f"{name} is required: {rule}")
-    shown = value if not isinstance(value, str) else value[:MAX_VALUE_LENGTH]
-    raise ParameterError(name, f"{name} must be {rule}; got {shown!r}")
+    shown = repr(value)
+    if len(shown) > MAX_VALUE_LENGTH:
+        shown = shown[:MAX_VALUE_LENGTH] + "..."
+    raise ParameterError(name, f"{name} must be {rule}; got {shown}")

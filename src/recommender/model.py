@@ -6,8 +6,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import scipy.sparse
 
-from recommender.dataset.reader import DataError
+from recommender.dataset.reader import MAX_FEATURE_MAGNITUDE, DataError, usable_rows
 
 
 @dataclass(frozen=True)
@@ -73,9 +74,19 @@ def taste_model(estimator: Any, source: str = "model") -> TasteModel:
     if metric is None or metric == "precomputed":
         raise DataError(f"{source}: the model's metric {metric!r} cannot compare user features")
 
-    embeddings = np.ascontiguousarray(np.asarray(embeddings, dtype=np.float64))
+    if scipy.sparse.issparse(embeddings):
+        raise DataError(f"{source}: a model fitted on a sparse matrix is not supported")
+    try:
+        embeddings = np.ascontiguousarray(np.asarray(embeddings, dtype=np.float64))
+    except (TypeError, ValueError) as error:
+        raise DataError(f"{source}: the model's embeddings are not numbers ({error})") from error
     if embeddings.ndim != 2 or embeddings.shape[0] == 0:
         raise DataError(f"{source}: the model holds no restaurant embeddings")
+    if not usable_rows(embeddings).all():
+        raise DataError(
+            f"{source}: the model's embeddings hold NaN, infinite values or values of "
+            f"magnitude {MAX_FEATURE_MAGNITUDE:g} or more"
+        )
     embeddings.setflags(write=False)
     return TasteModel(
         estimator=estimator,

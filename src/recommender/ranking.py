@@ -90,7 +90,7 @@ class Catalog:
         self.embeddings.setflags(write=False)
         self.difference = Difference(model, self.embeddings)
         self._check_difference_matches_model()
-        self.bounds = ProjectionBounds(self.embeddings) if model.metric in _EUCLIDEAN else None
+        self.bounds = _projection_bounds(self.embeddings) if model.metric in _EUCLIDEAN else None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -104,11 +104,12 @@ class Catalog:
         positions = [position_of_row.get(row) for row in rows[0].tolist()]
         known = [i for i, position in enumerate(positions) if position is not None]
         measured = self.difference(probe, np.array([positions[i] for i in known], dtype=np.int64))
-        gap = np.max(np.abs(measured - expected[0][known]), initial=0.0)
+        reference = expected[0][known]
+        gap = np.max(np.abs(measured - reference) / np.maximum(1.0, np.abs(reference)), initial=0)
         if not gap <= 1e-6:
             raise DataError(
-                f"the model's metric {self.model.metric!r} is measured here {gap:.3g} away from "
-                "the model's own kneighbors; this metric is not supported"
+                f"the model's metric {self.model.metric!r} is measured here {gap:.3g} (relative) "
+                "away from the model's own kneighbors; this metric is not supported"
             )
 
     def answer(
@@ -161,6 +162,8 @@ class Difference:
 
     def __call__(self, user: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """Differences, shape (len(positions),), float64, for ``user`` of shape (n_features,)."""
+        if len(positions) == 0:
+            return np.empty(0, dtype=np.float64)
         if self._cosine_norms is not None:
             return self._cosine(user, positions)
         block = self.embeddings[positions]
@@ -285,6 +288,17 @@ class ProjectionBounds:
         return inside + (residual - others) ** 2, inside + (residual + others) ** 2
 
 
+def _projection_bounds(embeddings: np.ndarray) -> "ProjectionBounds | None":
+    """Bounds for these embeddings, or None where their values are too extreme to bound."""
+    try:
+        with np.errstate(all="ignore"):
+            bounds = ProjectionBounds(embeddings)
+    except (ValueError, np.linalg.LinAlgError):
+        return None
+    parts = (bounds.basis, bounds.mean, bounds.projected, bounds.residual)
+    return bounds if all(np.isfinite(part).all() for part in parts) else None
+
+
 def _could_be_best(bounds: ProjectionBounds, user: np.ndarray, positions: np.ndarray, size: int):
     """Indices of the rows whose difference may be among the ``size`` smallest.
 
@@ -292,8 +306,11 @@ def _could_be_best(bounds: ProjectionBounds, user: np.ndarray, positions: np.nda
     upper bound; a row whose lower bound exceeds it cannot beat them. The margin absorbs
     rounding in the bounds themselves.
     """
-    lower, upper = bounds.squared(user, positions)
+    with np.errstate(all="ignore"):
+        lower, upper = bounds.squared(user, positions)
     threshold = np.partition(upper, size - 1)[size - 1]
+    if not (np.isfinite(threshold) and np.isfinite(lower).all()):
+        return np.arange(len(positions))
     return np.flatnonzero(lower <= threshold * (1 + 1e-9) + 1e-9)
 
 

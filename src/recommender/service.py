@@ -136,6 +136,8 @@ def _load_embedded(
     users, prepared = load_prepared_users(
         data_dir / USER_FILE, settings.resolved_prepared_dir, model.n_features, progress
     )
+    if len(users.ids) == 0:
+        raise DataError(f"{data_dir / USER_FILE}: no user row can be served")
     catalog = Catalog(
         restaurants.ids, restaurants.rows, restaurants.latitude, restaurants.longitude, model
     )

@@ -80,7 +80,10 @@ class Settings(BaseSettings):
     default_size: int = Field(20, ge=1, description="Restaurants returned when size is not given.")
     max_size: int = Field(1000, ge=1, description="Largest size a request may ask for.")
     default_max_dis: float = Field(
-        5000.0, gt=0, description="Search radius in metres when max_dis is not given."
+        5000.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="Search radius in metres when max_dis is not given.",
     )
     log_level: str = Field("info", description="Log level of the server.")
 

@@ -59,16 +59,28 @@ def load_prepared_users(
     """
     if not source.is_file():
         raise DataError(f"{source}: file not found")
-    prepared_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        prepared_dir.mkdir(parents=True, exist_ok=True)
+        lock = open(prepared_dir / ".lock", "a")  # noqa: SIM115 - held for the whole block below
+    except OSError as error:
+        raise DataError(
+            f"cannot write prepared user features to {prepared_dir} ({error.strerror}); "
+            "set RECOMMENDER_PREPARED_DIR to a writable directory"
+        ) from error
     # One process at a time checks, builds and maps: a preparation never removes files that
     # another process is about to map.
-    with open(prepared_dir / ".lock", "a") as lock:
+    with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         signature = _signature(source, n_features)
         manifest = _read_manifest(prepared_dir)
         rebuilt = manifest is None or manifest["signature"] != signature
         if rebuilt:
-            manifest = _prepare(source, prepared_dir, n_features, signature, progress)
+            try:
+                manifest = _prepare(source, prepared_dir, n_features, signature, progress)
+            except OSError as error:
+                raise DataError(
+                    f"cannot write prepared user features to {prepared_dir} ({error})"
+                ) from error
         return _open(prepared_dir, manifest), rebuilt
 
 

@@ -1,6 +1,7 @@
 """Reading and validating the data directory: restaurants and user features."""
 
 import math
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,6 +12,8 @@ import pyarrow.parquet as pq
 
 RESTAURANT_COLUMNS = ("restaurant_id", "index", "latitude", "longitude")
 EXAMPLES_SHOWN = 5
+# Larger values overflow float64 once squared, so no metric could compare them.
+MAX_FEATURE_MAGNITUDE = 1e150
 
 
 class DataError(ValueError):
@@ -69,12 +72,12 @@ def read_restaurants(path: Path, n_model_rows: int) -> tuple[RestaurantTable, li
     are skipped and reported.
     """
     table = _read_table(path, RESTAURANT_COLUMNS)
-    ids = np.array(_as_strings(table.column("restaurant_id")), dtype=object)
-    rows = _as_row_numbers(table.column("index"))
-    latitude = _as_floats(table.column("latitude"))
-    longitude = _as_floats(table.column("longitude"))
+    ids = np.array(_column(path, table, "restaurant_id", _as_strings), dtype=object)
+    rows = _column(path, table, "index", _as_row_numbers)
+    latitude = _column(path, table, "latitude", _as_floats)
+    longitude = _column(path, table, "longitude", _as_floats)
 
-    missing_id = np.array([value is None for value in ids], dtype=bool)
+    missing_id = np.array([value is None or not value.strip() for value in ids], dtype=bool)
     bad_coordinates = ~(
         np.isfinite(latitude)
         & np.isfinite(longitude)
@@ -182,12 +185,23 @@ class UserChecks:
 
     def __post_init__(self) -> None:
         self.missing_id = Skipped(self.file, "user_id is missing")
-        self.not_finite = Skipped(self.file, "features missing or not finite")
+        self.not_finite = Skipped(
+            self.file,
+            f"features missing, not finite, or of magnitude {MAX_FEATURE_MAGNITUDE:g} or more",
+        )
         self.repeated_id = Skipped(self.file, "user_id repeats an earlier row")
 
     def reports(self) -> list[Skipped]:
         """The reasons that skipped at least one row."""
         return [r for r in (self.missing_id, self.not_finite, self.repeated_id) if r.count]
+
+
+def usable_rows(features: np.ndarray) -> np.ndarray:
+    """Rows, shape (n,) bool, whose values are all finite and below ``MAX_FEATURE_MAGNITUDE``."""
+    usable = np.isfinite(features).all(axis=1)
+    if features.dtype.itemsize > 4:  # a float32 can never reach the magnitude limit
+        usable &= (np.abs(features) < MAX_FEATURE_MAGNITUDE).all(axis=1)
+    return usable
 
 
 def iter_valid_users(
@@ -201,7 +215,7 @@ def iter_valid_users(
     seen: set[str] = set()
     read = 0
     for batch in iter_user_batches(path, n_features, batch_size):
-        finite = np.isfinite(batch.features).all(axis=1)
+        finite = usable_rows(batch.features)
         keep = np.zeros(len(batch.ids), dtype=bool)
         kept_ids = []
         for position, identifier in enumerate(batch.ids):
@@ -227,6 +241,9 @@ def feature_columns(n_features: int) -> list[str]:
 
 def _user_schema(path: Path, n_features: int) -> pa.Schema:
     schema = _read_schema(path)
+    repeated = sorted({name for name in schema.names if schema.names.count(name) > 1})
+    if repeated:
+        raise DataError(f"{path}: columns appear more than once: {_preview(repeated)}")
     if "user_id" not in schema.names:
         raise DataError(f"{path}: no user_id column; found {_preview(schema.names)}")
 
@@ -256,8 +273,10 @@ def _user_schema(path: Path, n_features: int) -> pa.Schema:
 
 
 def _read_schema(path: Path) -> pa.Schema:
-    if not path.is_file():
+    if not path.exists():
         raise DataError(f"{path}: file not found")
+    if not path.is_file():
+        raise DataError(f"{path}: not a file")
     try:
         return pq.read_schema(path)
     except (pa.ArrowException, OSError) as error:
@@ -284,25 +303,38 @@ def _as_strings(column: pa.ChunkedArray | pa.Array) -> list[str | None]:
     return column.to_pylist()
 
 
+def _column(path: Path, table: pa.Table, name: str, convert):
+    """``convert`` applied to one column, any failure reported as the file's fault."""
+    column = table.column(name)
+    try:
+        return convert(column)
+    except (pa.ArrowException, ValueError, TypeError) as error:
+        raise DataError(
+            f"{path}: column {name!r} of type {column.type} cannot be read ({error})"
+        ) from error
+
+
 def _as_floats(column: pa.ChunkedArray) -> np.ndarray:
     if pa.types.is_floating(column.type) or pa.types.is_integer(column.type):
-        return column.cast(pa.float64()).fill_null(math.nan).to_numpy()
+        # Integers too large for a float64 become huge floats, which fail the range checks.
+        return column.cast(pa.float64(), safe=False).fill_null(math.nan).to_numpy()
     return np.array([_parse_float(value) for value in _as_strings(column)], dtype=np.float64)
 
 
+_DECIMAL = re.compile(r"\s*[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?\s*")
+
+
 def _parse_float(value: str | None) -> float:
-    if value is None:
+    """A plain decimal number (ASCII digits only), else NaN."""
+    if value is None or not _DECIMAL.fullmatch(value):
         return math.nan
-    try:
-        return float(value)
-    except ValueError:
-        return math.nan
+    return float(value)
 
 
 def _as_row_numbers(column: pa.ChunkedArray) -> np.ndarray:
     values = _as_floats(column)
-    integral = np.isfinite(values) & (values == np.floor(values))
-    return np.where(integral, values, -1).astype(np.int64)
+    usable = np.isfinite(values) & (values == np.floor(values)) & (np.abs(values) < 2**62)
+    return np.where(usable, values, -1).astype(np.int64)
 
 
 def _repeats(ids: np.ndarray, considered: np.ndarray) -> np.ndarray:
