@@ -537,3 +537,31 @@ def test_openapi_documents_the_answer_and_error_statuses(client: Client) -> None
     answer = operation["responses"]["200"]["content"]["application/json"]["schema"]
     item = answer["properties"]["restaurants"]["items"]
     assert set(item["required"]) == {"id", "difference", "displacement"}
+
+
+def test_a_body_repeating_a_key_is_refused(client: Client) -> None:
+    body = '{"latitude": 13.75, "longitude": 100.5, "size": 1, "size": 2}'
+
+    response = client.post(f"/recommend/{USER}", content=body)
+
+    assert response.status_code == 422
+    assert "size is given more than once" in response.json()["detail"]
+
+
+def test_a_nan_query_value_does_not_conflict_with_the_body(client: Client) -> None:
+    response = client.post(
+        f"/recommend/{USER}?size=nan",
+        content='{"latitude": 13.75, "longitude": 100.5, "size": 2}',
+    )
+
+    assert response.status_code == 200
+    assert len(response.json()["restaurants"]) <= 2
+
+
+def test_a_long_bad_value_is_echoed_only_in_part(client: Client) -> None:
+    body = json.dumps({"latitude": ["x" * 5000], "longitude": 100.5})
+
+    response = client.post(f"/recommend/{USER}", content=body)
+
+    assert response.status_code == 422
+    assert len(response.json()["detail"]) < 300

@@ -6,12 +6,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 import recommender.dataset.generate as generate_module
 import recommender.server as server_module
 from recommender import cli
 from recommender.contract import render
+from recommender.dataset.generate import generate
 from recommender.ranking import Query
 from recommender.service import Recommender
 
@@ -124,3 +127,16 @@ def test_serve_refuses_a_configured_data_dir_that_does_not_exist(
 
 def _must_not_generate(*arguments: object, **kwargs: object) -> None:
     raise AssertionError("generated data for a configured data directory")
+
+
+def test_recommend_warns_about_skipped_rows(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    generate(data, n_users=20, n_restaurants=30, n_features=4, n_requests=1, seed=3)
+    table = pq.read_table(data / "restaurant.parquet").to_pydict()
+    table["latitude"][0] = "not a number"
+    pq.write_table(pa.table(table), data / "restaurant.parquet")
+
+    result = _run(data, tmp_path, "u01", "--latitude", "13.8", "--longitude", "100.5")
+
+    assert result.returncode == 0
+    assert "skipped 1 rows" in result.stderr

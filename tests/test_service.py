@@ -1,6 +1,7 @@
 """Loading a data directory end to end: what is served, what is skipped, what is refused."""
 
 import asyncio
+import math
 import pickle
 import re
 from dataclasses import dataclass
@@ -10,6 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import scipy.sparse
 from sklearn.neighbors import NearestNeighbors
 
 from recommender.dataset.reader import DataError
@@ -342,3 +344,56 @@ def test_a_changed_user_file_is_prepared_again_at_the_next_load(data: DataDir) -
 
     assert recommender.report.prepared
     np.testing.assert_array_equal(features_of(recommender, "u4"), changed[4].astype(np.float64))
+
+
+@pytest.mark.parametrize("metric", ["canberra", "braycurtis", "correlation"])
+def test_no_restaurant_in_range_is_an_empty_answer_whatever_the_metric(
+    data: DataDir, metric: str
+) -> None:
+    with open(data.path / MODEL_FILE, "wb") as file:
+        pickle.dump(NearestNeighbors(metric=metric).fit(data.embeddings), file)
+    recommender = load(data)
+    far_away = Query(
+        latitude=0.0, longitude=0.0, size=5, max_dis=1000.0, sort_by_displacement=False
+    )
+
+    assert recommend(recommender, "u0", far_away) == []
+
+
+def test_a_model_fitted_on_a_sparse_matrix_is_refused_naming_the_file(data: DataDir) -> None:
+    with open(data.path / MODEL_FILE, "wb") as file:
+        pickle.dump(NearestNeighbors().fit(scipy.sparse.csr_matrix(data.embeddings)), file)
+
+    with pytest.raises(DataError, match="sparse"):
+        load(data)
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, 1e200])
+def test_a_model_with_unusable_embedding_values_is_refused(data: DataDir, value: float) -> None:
+    embeddings = data.embeddings.copy()
+    embeddings[1, 0] = value
+    estimator = NearestNeighbors().fit(data.embeddings)
+    estimator._fit_X = embeddings
+    with open(data.path / MODEL_FILE, "wb") as file:
+        pickle.dump(estimator, file)
+
+    with pytest.raises(DataError, match="embeddings"):
+        load(data)
+
+
+def test_a_data_file_with_no_servable_user_is_refused(data: DataDir) -> None:
+    write_users(data.path, [None, None], np.zeros((2, N_FEATURES)))
+
+    with pytest.raises(DataError, match="no user row can be served"):
+        load(data)
+
+
+def test_a_prepared_dir_that_cannot_be_written_is_refused_naming_the_setting(
+    data: DataDir,
+) -> None:
+    blocked = data.path / "blocked"
+    blocked.write_text("a file where a directory should be")
+    settings = Settings(data_dir=data.path, prepared_dir=blocked)
+
+    with pytest.raises(DataError, match="RECOMMENDER_PREPARED_DIR"):
+        load_recommender(settings)

@@ -379,3 +379,16 @@ def test_a_user_file_that_is_not_parquet_is_refused_naming_it(tmp_path: Path) ->
 
     with pytest.raises(DataError, match="user.parquet"):
         prepare(source)
+
+
+def test_a_user_with_a_feature_too_large_to_square_is_skipped(tmp_path: Path) -> None:
+    features = random_features(2)
+    features[1, 0] = 1e200
+    source = write_users(
+        tmp_path / "user.parquet", ["a", "b"], features, feature_types=pa.float64()
+    )
+
+    users, _ = prepare(source)
+
+    assert users.ids.tolist() == ["a"]
+    assert_reported(users.skipped[0], 1, ["'b'"])

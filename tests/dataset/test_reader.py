@@ -340,3 +340,62 @@ def test_a_non_numeric_feature_column_is_refused_naming_it(tmp_path: Path) -> No
         read_users(path, 3)
 
     assert "feature_1" in str(raised.value).removeprefix(str(path))
+
+
+@pytest.mark.parametrize("index", [-(2**63), 2**53 + 1, 2**62 + 7])
+def test_an_index_too_large_for_any_model_is_skipped_not_a_crash(
+    tmp_path: Path, index: int
+) -> None:
+    columns = restaurant_columns()
+    columns["index"] = pa.array([0, 1, index], pa.int64())
+
+    restaurants, skipped = read(write_table(tmp_path / "r.parquet", columns))
+
+    assert list(restaurants.ids) == ["r00", "r01"]
+    assert_reported(skipped[0], 1, ["r02"])
+
+
+@pytest.mark.parametrize("text", ["1_3.8", "١٣.٨", "13,5", "0x10", "nan", "inf"])
+def test_coordinates_that_are_not_plain_decimal_numbers_are_skipped(
+    tmp_path: Path, text: str
+) -> None:
+    columns = restaurant_columns()
+    columns["latitude"][1] = text
+
+    restaurants, skipped = read(write_table(tmp_path / "r.parquet", columns))
+
+    assert list(restaurants.ids) == ["r00", "r02"]
+    assert_reported(skipped[0], 1, ["r01"])
+
+
+@pytest.mark.parametrize("blank", ["", "   "])
+def test_a_blank_restaurant_id_counts_as_missing(tmp_path: Path, blank: str) -> None:
+    columns = restaurant_columns()
+    columns["restaurant_id"][0] = blank
+
+    restaurants, skipped = read(write_table(tmp_path / "r.parquet", columns))
+
+    assert list(restaurants.ids) == ["r01", "r02"]
+    assert skipped[0].reason == "restaurant_id is missing"
+
+
+def test_a_column_of_an_unreadable_type_is_refused_naming_the_file_and_column(
+    tmp_path: Path,
+) -> None:
+    columns = restaurant_columns()
+    columns["latitude"] = pa.array([[1.0], [2.0], [3.0]], pa.list_(pa.float64()))
+
+    with pytest.raises(DataError, match=r"r\.parquet.*'latitude'"):
+        read(write_table(tmp_path / "r.parquet", columns))
+
+
+def test_a_user_file_repeating_a_column_name_is_refused(tmp_path: Path) -> None:
+    table = pa.Table.from_arrays(
+        [pa.array(["a"]), pa.array([1.0]), pa.array([2.0])],
+        names=["user_id", "feature_0", "feature_0"],
+    )
+    path = tmp_path / "user.parquet"
+    pq.write_table(table, path)
+
+    with pytest.raises(DataError, match="more than once"):
+        list(iter_user_batches(path, 1))
