@@ -134,14 +134,14 @@ def _squared_gap_sum_root(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.sqrt(np.sum((a - b) ** 2)) + np.abs(a - b).max())
 
 
-def test_difference_leaves_the_catalog_embeddings_unchanged() -> None:
+def test_difference_leaves_the_model_embeddings_unchanged() -> None:
     embeddings, users = embeddings_and_users(seed=4)
     catalog = catalog_of(NearestNeighbors().fit(embeddings))
-    before = catalog.embeddings.copy()
+    before = catalog.model.embeddings.copy()
 
     catalog.difference(users[0], np.arange(len(catalog)))
 
-    np.testing.assert_array_equal(catalog.embeddings, before)
+    np.testing.assert_array_equal(catalog.model.embeddings, before)
 
 
 def test_load_model_reads_the_embeddings_and_metric_of_a_fitted_model(tmp_path: Path) -> None:

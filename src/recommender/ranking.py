@@ -85,26 +85,27 @@ class Catalog:
         self.rows = np.asarray(rows, dtype=np.int64)[order]
         self.id_rank = np.argsort(np.argsort(self.ids, kind="stable"), kind="stable")
         self.model = model
-        # Contiguous rows in spatial order: nearby restaurants sit together in memory.
-        self.embeddings = np.ascontiguousarray(model.embeddings[self.rows])
-        self.embeddings.setflags(write=False)
-        self.difference = Difference(model, self.embeddings)
+        # The model's own embeddings, not a copy: the exact pass reads only a few rows.
+        self._difference = Difference(model, model.embeddings)
         self._check_difference_matches_model()
-        self.bounds = _projection_bounds(self.embeddings) if model.metric in _EUCLIDEAN else None
+        self.bounds = None
+        if model.metric in _EUCLIDEAN:
+            self.bounds = _projection_bounds(model.embeddings[self.rows])
 
     def __len__(self) -> int:
         return len(self.ids)
 
+    def difference(self, user: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """The model's differences, shape (len(positions),), to the restaurants at ``positions``."""
+        return self._difference(user, self.rows[positions])
+
     def _check_difference_matches_model(self) -> None:
         """Refuse at start a metric this service would measure differently from the model."""
-        probe = self.embeddings[0]
-        n_neighbors = min(len(self), 8)
+        probe = self.model.embeddings[self.rows[0]]
+        n_neighbors = min(self.model.n_rows, 8)
         expected, rows = self.model.estimator.kneighbors(probe[np.newaxis, :], n_neighbors)
-        position_of_row = {row: position for position, row in enumerate(self.rows.tolist())}
-        positions = [position_of_row.get(row) for row in rows[0].tolist()]
-        known = [i for i, position in enumerate(positions) if position is not None]
-        measured = self.difference(probe, np.array([positions[i] for i in known], dtype=np.int64))
-        reference = expected[0][known]
+        measured = self._difference(probe, rows[0])
+        reference = expected[0]
         gap = np.max(np.abs(measured - reference) / np.maximum(1.0, np.abs(reference)), initial=0)
         if not gap <= 1e-6:
             raise DataError(
@@ -138,6 +139,8 @@ class Catalog:
 class Difference:
     """The model's metric between one user's features and many restaurant embeddings.
 
+    Called with model rows: ``difference(user, rows)`` measures against ``embeddings[rows]``.
+
     Common metrics are computed directly; any other the way the model's ``kneighbors``
     measures it: scikit-learn's ``DistanceMetric`` where it knows the metric, else
     ``pairwise_distances``.
@@ -160,24 +163,22 @@ class Difference:
             # As scikit-learn does, a zero vector is left as it is rather than normalised.
             self._cosine_norms = np.where(norms == 0, 1.0, norms)
 
-    def __call__(self, user: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        """Differences, shape (len(positions),), float64, for ``user`` of shape (n_features,)."""
-        if len(positions) == 0:
+    def __call__(self, user: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Differences, shape (len(rows),), float64, for ``user`` of shape (n_features,)."""
+        if len(rows) == 0:
             return np.empty(0, dtype=np.float64)
         if self._cosine_norms is not None:
-            return self._cosine(user, positions)
-        block = self.embeddings[positions]
+            return self._cosine(user, rows)
+        block = self.embeddings[rows]
         if self._kernel is not None:
             return self._kernel(block, user)
         if self._distance_metric is not None:
             return self._distance_metric.pairwise(user[np.newaxis, :], block)[0]
         return pairwise_distances(user[np.newaxis, :], block, metric=self.metric, **self.params)[0]
 
-    def _cosine(self, user: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    def _cosine(self, user: np.ndarray, rows: np.ndarray) -> np.ndarray:
         user_norm = np.linalg.norm(user) or 1.0
-        similarity = (self.embeddings[positions] @ user) / (
-            self._cosine_norms[positions] * user_norm
-        )
+        similarity = (self.embeddings[rows] @ user) / (self._cosine_norms[rows] * user_norm)
         return np.clip(1.0 - similarity, 0.0, 2.0)
 
 
