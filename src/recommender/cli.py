@@ -95,6 +95,12 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", type=Path, default=Path("bench-results"))
     bench.add_argument("--store", help="also measure this PostgreSQL store")
     bench.add_argument("--cache", help="with --store: a Redis cache in front of it")
+    bench.add_argument(
+        "--scenario",
+        action="append",
+        choices=["embedded", "embedded-exhaustive", "postgresql", "postgresql-redis"],
+        help="run only these scenarios (repeatable; default: all that apply)",
+    )
     bench.set_defaults(run=_bench)
 
     cache = commands.add_parser("cache", help="manage the Redis cache")
@@ -173,6 +179,7 @@ def _bench(arguments: argparse.Namespace) -> int:
         url=arguments.url,
         store=arguments.store,
         cache=arguments.cache,
+        only=tuple(arguments.scenario or ()),
     )
     results = run(plan, progress=log.info)
     log.info("speed-up over the exhaustive ranker: %s", results["speedup_over_exhaustive"])

@@ -39,6 +39,7 @@ class BenchPlan:
     cache: str | None = None
     workers: int = 2
     sweep_rates: tuple[float, ...] = (30.0, 100.0, 300.0, 600.0)
+    only: tuple[str, ...] = ()
 
 
 def run(plan: BenchPlan, progress: Callable[[str], None]) -> dict:
@@ -48,7 +49,7 @@ def run(plan: BenchPlan, progress: Callable[[str], None]) -> dict:
     paths_file = plan.out / "paths.txt"
     paths_file.write_text("\n".join(paths) + "\n")
 
-    scenarios = _scenarios(plan)
+    scenarios = [s for s in _scenarios(plan) if not plan.only or s.name in plan.only]
     for scenario in scenarios:
         progress(f"scenario {scenario.name}")
         if plan.url is not None:
