@@ -6,20 +6,20 @@ from collections.abc import AsyncIterator
 
 import orjson
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.requests import ClientDisconnect
 
 from recommender.contract import (
     MAX_USER_ID_LENGTH,
     PARAMETERS,
+    Limits,
     ParameterError,
     check_user_id,
     is_given,
     parse_query,
     render,
 )
-from recommender.features import StoreUnavailable
+from recommender.features import StoredFeaturesInvalid, StoreUnavailable
 from recommender.service import Recommender, UnknownUser
 
 MAX_BODY_BYTES = 16_384
@@ -104,7 +104,7 @@ def _parameter(name: str, location: str, description: str, schema: dict, require
     }
 
 
-def _parameters_doc(coordinates_required: bool) -> dict:
+def _parameters_doc(coordinates_required: bool, limits: Limits) -> dict:
     """The route's parameters for the OpenAPI document.
 
     They are read from the request and validated by contract.py (which also takes forms the
@@ -137,14 +137,14 @@ def _parameters_doc(coordinates_required: bool) -> dict:
             _parameter(
                 "size",
                 "query",
-                "Restaurants to return at most (default 20; the upper bound is configurable).",
-                {"type": "integer", "minimum": 1, "maximum": 1000},
+                f"Restaurants to return at most (default {limits.default_size}).",
+                {"type": "integer", "minimum": 1, "maximum": limits.max_size},
                 False,
             ),
             _parameter(
                 "max_dis",
                 "query",
-                "Search radius in metres (default 5000).",
+                f"Search radius in metres (default {limits.default_max_dis:g}).",
                 {**number, "exclusiveMinimum": 0},
                 False,
             ),
@@ -181,7 +181,11 @@ def create_app(recommender: Recommender) -> FastAPI:
         version="1",
     )
 
-    @app.get("/recommend/{user_id}", responses=_RESPONSES, openapi_extra=_parameters_doc(True))
+    @app.get(
+        "/recommend/{user_id}",
+        responses=_RESPONSES,
+        openapi_extra=_parameters_doc(True, recommender.limits),
+    )
     async def recommend(request: Request) -> Response:
         """Recommend restaurants for a user standing at (latitude, longitude)."""
         user_id = request.path_params["user_id"]
@@ -190,7 +194,7 @@ def create_app(recommender: Recommender) -> FastAPI:
     @app.post(
         "/recommend/{user_id}",
         responses=_RESPONSES,
-        openapi_extra={**_parameters_doc(False), **_BODY_DOC},
+        openapi_extra={**_parameters_doc(False, recommender.limits), **_BODY_DOC},
     )
     async def recommend_post(request: Request) -> Response:
         """As GET, taking parameters from the query string or a JSON object body."""
@@ -198,9 +202,10 @@ def create_app(recommender: Recommender) -> FastAPI:
         body = await _body_parameters(request)
         query = _query_parameters(request)
         for name in PARAMETERS:
-            if name in body and name in query and is_given(query[name]):
+            if name in body and name in query and is_given(body[name]) and is_given(query[name]):
                 raise ParameterError(name, f"{name} is given in both the query and the body")
-        return await _answer(recommender, user_id, {**query, **body})
+        given_in_body = {name: value for name, value in body.items() if is_given(value)}
+        return await _answer(recommender, user_id, {**query, **given_in_body})
 
     @app.get("/healthz")
     async def healthz() -> dict:
@@ -231,14 +236,11 @@ def create_app(recommender: Recommender) -> FastAPI:
             {"detail": error.message, "parameter": error.parameter}, status_code=422
         )
 
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
-        first = error.errors()[0]
-        name = str(first["loc"][-1]) if first.get("loc") else "request"
-        return JSONResponse(
-            {"detail": f"{name}: {first.get('msg', 'invalid')}", "parameter": name},
-            status_code=422,
-        )
+    @app.exception_handler(StoredFeaturesInvalid)
+    async def stored_features_invalid(
+        request: Request, error: StoredFeaturesInvalid
+    ) -> JSONResponse:
+        return JSONResponse({"detail": str(error)}, status_code=500)
 
     @app.exception_handler(StoreUnavailable)
     async def store_unavailable(request: Request, error: StoreUnavailable) -> JSONResponse:

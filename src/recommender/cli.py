@@ -4,6 +4,7 @@ import argparse
 import asyncio
 import logging
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -14,8 +15,9 @@ from recommender.contract import ParameterError, check_user_id, parse_query, ren
 from recommender.dataset.reader import DataError
 from recommender.features import StoreUnavailable
 from recommender.features.redis_cache import CachedStore
+from recommender.postgres.store import DatabaseUnreachable
 from recommender.ranking import Query, Ranking
-from recommender.service import Recommender, UnknownUser, load_recommender
+from recommender.service import Recommender, UnknownUser, limits_of, load_recommender
 from recommender.settings import Settings
 
 log = logging.getLogger("recommender")
@@ -28,6 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
         return arguments.run(arguments)
+    except DatabaseUnreachable as error:
+        log.error("%s", error)
+        return 3
     except (DataError, ValidationError) as error:
         log.error("%s", error)
         return 2
@@ -227,18 +232,19 @@ def _every(n: int, report):
 
 def _recommend(arguments: argparse.Namespace) -> int:
     settings = _settings(arguments)
-    recommender = load_recommender(settings)
-    for skipped in recommender.report.skipped:
-        log.warning("%s", skipped)
     raw = {name: getattr(arguments, name) for name in ("latitude", "longitude", "size")}
     raw.update(max_dis=arguments.max_dis, sort_dis=arguments.sort_dis)
     try:
         check_user_id(arguments.user_id)
-        query = parse_query(raw, recommender.limits)
-        ranking = asyncio.run(_recommend_once(recommender, arguments.user_id, query))
+        query = parse_query(raw, limits_of(settings))
     except ParameterError as error:
         log.error("%s", error.message)
         return 2
+    recommender = load_recommender(settings)
+    for skipped in recommender.report.skipped:
+        log.warning("%s", skipped)
+    try:
+        ranking = asyncio.run(_recommend_once(recommender, arguments.user_id, query))
     except UnknownUser:
         log.error("unknown user %r", arguments.user_id)
         return 1
@@ -288,8 +294,15 @@ def _generate_default_data_if_missing(settings: Settings) -> None:
 
     # Written aside and renamed into place: an interrupted run leaves no half-made directory.
     partial = settings.data_dir.with_name(f".{settings.data_dir.name}.partial-{os.getpid()}")
-    generate(partial, progress=log.info)
-    os.replace(partial, settings.data_dir)
+    try:
+        generate(partial, progress=log.info)
+        os.replace(partial, settings.data_dir)
+    except OSError:
+        if not settings.data_dir.is_dir():
+            raise
+        log.info("another process generated %s first; using it", settings.data_dir)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
 
 
 def _log_loaded(report) -> None:

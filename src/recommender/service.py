@@ -79,6 +79,15 @@ class Recommender:
         return self.ranker.rank(features, query)
 
 
+def limits_of(settings: Settings) -> Limits:
+    """The request defaults and bounds that ``settings`` configure."""
+    return Limits(
+        default_size=settings.default_size,
+        max_size=settings.max_size,
+        default_max_dis=settings.default_max_dis,
+    )
+
+
 def load_recommender(
     settings: Settings, progress: Callable[[str], None] | None = None
 ) -> Recommender:
@@ -106,11 +115,7 @@ def load_recommender(
         store_name = "postgresql" + (" with redis cache" if settings.cache else "")
 
     ranker = ExhaustiveRanker(catalog) if settings.ranker == "exhaustive" else FastRanker(catalog)
-    limits = Limits(
-        default_size=settings.default_size,
-        max_size=settings.max_size,
-        default_max_dis=settings.default_max_dis,
-    )
+    limits = limits_of(settings)
     report = LoadReport(
         n_restaurants=len(catalog),
         n_users=store.n_users,

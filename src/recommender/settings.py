@@ -85,7 +85,9 @@ class Settings(BaseSettings):
         allow_inf_nan=False,
         description="Search radius in metres when max_dis is not given.",
     )
-    log_level: str = Field("info", description="Log level of the server.")
+    log_level: Literal["debug", "info", "warning", "error", "critical"] = Field(
+        "info", description="Log level of the Gunicorn server."
+    )
 
     @field_validator("store")
     @classmethod

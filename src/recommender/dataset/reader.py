@@ -220,7 +220,7 @@ def iter_valid_users(
         kept_ids = []
         for position, identifier in enumerate(batch.ids):
             row = read + position
-            if identifier is None:
+            if identifier is None or not identifier.strip():
                 checks.missing_id.add([f"row {row}"])
             elif not finite[position]:
                 checks.not_finite.add([f"{identifier!r} (row {row})"])

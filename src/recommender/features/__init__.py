@@ -9,6 +9,10 @@ class StoreUnavailable(Exception):
     """The store cannot be reached right now; the request may succeed later."""
 
 
+class StoredFeaturesInvalid(Exception):
+    """A stored feature vector does not fit the model; retrying will not help."""
+
+
 class FeatureStore(Protocol):
     """Looks up one user's features by id."""
 

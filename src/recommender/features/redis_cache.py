@@ -43,12 +43,22 @@ def feature_key(load_id: str, user_id: str) -> bytes:
     return b"recommender:features:" + load_id.encode() + b":" + user_id.encode("utf-8")
 
 
-def connect(url: str, timeout: float) -> aioredis.Redis | RedisCluster:
-    """An asyncio client for a single Redis (``redis://``) or a cluster (``redis+cluster://``)."""
+def connect(url: str, timeout: float, asynchronous: bool = True):
+    """A client for a single Redis (``redis://``) or a cluster (``redis+cluster://``).
+
+    An asyncio client for the workers, or a blocking one (``asynchronous=False``) for warm-up.
+    """
     options = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
     if url.startswith(CLUSTER_SCHEME):
-        return RedisCluster.from_url("redis://" + url[len(CLUSTER_SCHEME) :], **options)
-    return aioredis.Redis.from_url(url, **options)
+        cluster = RedisCluster if asynchronous else redis.cluster.RedisCluster
+        return cluster.from_url("redis://" + url[len(CLUSTER_SCHEME) :], **options)
+    single = aioredis.Redis if asynchronous else redis.Redis
+    return single.from_url(url, **options)
+
+
+def _milliseconds(seconds: float) -> int:
+    """A TTL for Redis's PX option: whole milliseconds, at least one."""
+    return max(1, round(seconds * 1000))
 
 
 class CachedStore:
@@ -116,6 +126,8 @@ class CachedStore:
         """
         key = feature_key(self.load_id, user_id)
         cached = await self._get(key)
+        # Limitation: only the length is checked; a value of the right length written by
+        # anyone else with access to this Redis would be served as the user's features.
         if cached is not None and len(cached) == self._value_length():
             self.hits += 1
             return self.store.decode(cached, user_id)
@@ -145,7 +157,7 @@ class CachedStore:
             return
         try:
             await asyncio.wait_for(
-                self._client.set(key, value, px=max(1, round(self.ttl * 1000))), self.timeout
+                self._client.set(key, value, px=_milliseconds(self.ttl)), self.timeout
             )
         except _REDIS_FAILURES as error:
             self._fail(error)
@@ -168,19 +180,13 @@ def warm(
     Memory holds one batch at a time whatever the number of users. Returns the number of
     users written.
     """
-    options = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
-    if url.startswith(CLUSTER_SCHEME):
-        client = redis.cluster.RedisCluster.from_url(
-            "redis://" + url[len(CLUSTER_SCHEME) :], **options
-        )
-    else:
-        client = redis.Redis.from_url(url, **options)
+    client = connect(url, timeout, asynchronous=False)
     written = 0
     try:
         for batch in batches:
             pipeline = client.pipeline(transaction=False)
             for user_id, value in batch:
-                pipeline.set(feature_key(load_id, user_id), value, px=max(1, round(ttl * 1000)))
+                pipeline.set(feature_key(load_id, user_id), value, px=_milliseconds(ttl))
             pipeline.execute()
             written += len(batch)
             if progress is not None:

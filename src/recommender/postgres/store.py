@@ -7,11 +7,12 @@ import numpy as np
 import psycopg
 import psycopg_pool
 from sqlalchemy import bindparam, inspect, select
+from sqlalchemy.dialects.postgresql.psycopg import dialect as psycopg_dialect
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import OperationalError
 
 from recommender.dataset.reader import DataError, RestaurantTable
-from recommender.features import StoreUnavailable
+from recommender.features import StoredFeaturesInvalid, StoreUnavailable
 from recommender.postgres.schema import (
     dataset_table,
     engine_for,
@@ -55,7 +56,7 @@ class PostgresStore:
         self._pool: psycopg_pool.AsyncConnectionPool | None = None
         users = users_table()
         query = select(users.c.features).where(users.c.user_id == bindparam("user_id"))
-        self._query = str(query.compile(dialect=engine_for(url).dialect))
+        self._query = str(query.compile(dialect=psycopg_dialect()))
 
     async def open(self) -> None:
         """Start the pool; connections are made, and remade after failures, in the background."""
@@ -114,7 +115,7 @@ class PostgresStore:
         """Stored bytes as a float64 feature vector, refusing a value of the wrong length."""
         expected = self.n_features * self.dtype.itemsize
         if len(value) != expected:
-            raise StoreUnavailable(
+            raise StoredFeaturesInvalid(
                 f"stored features of user {user_id!r} have {len(value)} bytes, "
                 f"expected {expected}; reload the database"
             )
@@ -134,7 +135,7 @@ def iter_user_features(url: str, batch_size: int) -> Iterator[list[tuple[str, by
     Only one batch is in memory at a time, whatever the number of users.
     """
     users = users_table()
-    query = str(select(users.c.user_id, users.c.features).compile(dialect=engine_for(url).dialect))
+    query = str(select(users.c.user_id, users.c.features).compile(dialect=psycopg_dialect()))
     with psycopg.connect(libpq_url(url)) as connection:
         with connection.cursor(name="recommender_user_features") as cursor:
             cursor.itersize = batch_size
