@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -501,3 +502,38 @@ def test_db_load_with_a_bad_database_url_exits_non_zero_naming_the_problem_witho
     assert finished.returncode != 0
     assert "Traceback" not in finished.stderr
     assert named in finished.stderr
+
+
+def _wait_until_a_lock_is_awaited(url: str) -> None:
+    """Return once some session waits for a table lock (the reload reached its swap)."""
+    deadline = time.monotonic() + COMMAND_TIMEOUT
+    while time.monotonic() < deadline:
+        if _rows(url, "SELECT count(*) FROM pg_locks WHERE NOT granted")[0][0]:
+            return
+        time.sleep(0.01)
+    raise AssertionError("the reload never reached its swap")
+
+
+def test_a_reload_waiting_for_a_long_reader_does_not_hold_up_other_readers(
+    loaded_url: str, other_data_dir: Path
+) -> None:
+    # A long read (as a cache warm-up is) keeps the reload from renaming its tables; other
+    # readers must still get their answers meanwhile, and the reload must finish afterwards.
+    long_reader = psycopg.connect(loaded_url)
+    long_reader.execute("SELECT count(*) FROM users").fetchone()
+    reload = ThreadPoolExecutor(max_workers=1).submit(load_database, other_data_dir, loaded_url)
+    try:
+        _wait_until_a_lock_is_awaited(loaded_url)
+        reads = []
+        for _ in range(5):
+            with psycopg.connect(loaded_url, autocommit=True) as reader:
+                reader.execute("SET statement_timeout = '5s'")
+                reads.append(reader.execute("SELECT count(*) FROM users").fetchone()[0])
+        assert not reload.done()
+    finally:
+        long_reader.rollback()
+        long_reader.close()
+
+    summary = reload.result(timeout=COMMAND_TIMEOUT)
+    assert reads and all(count > 0 for count in reads)
+    assert _rows(loaded_url, "SELECT count(*) FROM users")[0][0] == summary.n_users

@@ -44,6 +44,10 @@ from recommender.postgres.schema import (
 
 # Serialises concurrent loads of the same database (any fixed number unique to this schema).
 _LOAD_LOCK = 0x7265636F6D
+# Each swap attempt waits this long for its locks, then steps aside; about three minutes in all.
+_SWAP_LOCK_WAIT = "200ms"
+_SWAP_PAUSE_SECONDS = 0.5
+_SWAP_ATTEMPTS = 250
 
 
 @dataclass
@@ -155,7 +159,31 @@ def _copy_statement(table, columns: list[str]) -> sql.Composed:
 
 
 def _swap_into_place(connection, raw: psycopg.Connection, staged: dict, suffix: str) -> None:
+    """Rename the staged tables over the live ones, waiting politely for the locks.
+
+    Renaming needs an exclusive lock, and every reader queues behind a waiting one. So each
+    attempt waits only briefly (a long reader, such as a cache warm-up, makes it give way and
+    try again) and readers are never held up for longer than that.
+    """
     existing = set(inspect(connection).get_table_names())
+    for _ in range(_SWAP_ATTEMPTS):
+        raw.execute("SAVEPOINT swap")
+        raw.execute("SELECT set_config('lock_timeout', %s, true)", (_SWAP_LOCK_WAIT,))
+        try:
+            _rename_all(raw, staged, existing, suffix)
+        except psycopg.errors.LockNotAvailable:
+            raw.execute("ROLLBACK TO SAVEPOINT swap")
+            time.sleep(_SWAP_PAUSE_SECONDS)
+            continue
+        raw.execute("RELEASE SAVEPOINT swap")
+        return
+    raise DataError(
+        "the new tables were loaded but could not be swapped in: other sessions held the live "
+        "tables throughout; nothing was changed"
+    )
+
+
+def _rename_all(raw: psycopg.Connection, staged: dict, existing: set[str], suffix: str) -> None:
     rename = sql.SQL("ALTER TABLE {} RENAME TO {}")
     for live, table in staged.items():
         retired = f"{live}_retired_{suffix}"
