@@ -150,6 +150,8 @@ def _load_embedded(
 
 
 def _load_postgres(settings: Settings, model: TasteModel) -> tuple[Catalog, FeatureStore]:
+    # Limitation: restaurants are read once here; a later `db load` of other restaurants
+    # reaches a running server only when it restarts.
     dataset, restaurants, cells = read_database(settings.store, settings.store_start_timeout)
     if (dataset["n_model_rows"], dataset["n_features"]) != (model.n_rows, model.n_features):
         raise DataError(

@@ -16,6 +16,7 @@ class EmbeddedStore:
 
     def __init__(self, users: PreparedUsers) -> None:
         self._features = users.features
+        # Limitation: each worker builds its own dictionary (about 10 MB per 100,000 users).
         self._rows = {user_id: row for row, user_id in enumerate(users.ids.tolist())}
         self.n_users = len(self._rows)
 
