@@ -1,16 +1,19 @@
 """The difference is the model's own distance, and only a fitted model file is accepted."""
 
+import hashlib
+import pathlib
 import pickle
 import re
 from pathlib import Path
 
 import numpy as np
 import pytest
+import skops.io
 from sklearn.neighbors import NearestNeighbors
 from sklearn.preprocessing import StandardScaler
 
 from recommender.dataset.reader import DataError
-from recommender.model import load_model, taste_model
+from recommender.model import load_model, model_path, taste_model
 from recommender.ranking import Catalog
 
 N_RESTAURANTS = 60
@@ -197,3 +200,89 @@ def test_load_model_refuses_a_pickle_of_anything_but_a_fitted_nearest_neighbors_
 
     with pytest.raises(DataError, match=re.escape(str(path))):
         load_model(path)
+
+
+def _fitted(tmp_path: Path, algorithm: str = "auto") -> NearestNeighbors:
+    embeddings, _ = embeddings_and_users(seed=5)
+    return NearestNeighbors(algorithm=algorithm).fit(embeddings)
+
+
+def _pickled(tmp_path: Path) -> Path:
+    path = tmp_path / "model.pkl"
+    with path.open("wb") as file:
+        pickle.dump(_fitted(tmp_path), file)
+    return path
+
+
+def test_a_pickle_whose_pinned_sha256_differs_is_refused_before_unpickling(tmp_path: Path) -> None:
+    path = _pickled(tmp_path)
+
+    with pytest.raises(DataError, match="SHA-256"):
+        load_model(path, expected_sha256="0" * 64)
+
+
+def test_a_pickle_matching_its_checksum_file_loads(tmp_path: Path) -> None:
+    path = _pickled(tmp_path)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    (tmp_path / "model.pkl.sha256").write_text(f"{digest}  model.pkl\n")
+
+    assert load_model(path).sha256 == digest
+
+
+def test_a_pickle_not_matching_its_checksum_file_is_refused(tmp_path: Path) -> None:
+    path = _pickled(tmp_path)
+    (tmp_path / "model.pkl.sha256").write_text(f"{'a' * 64}  model.pkl\n")
+
+    with pytest.raises(DataError, match="refusing to load"):
+        load_model(path)
+
+
+def test_a_pickle_with_a_malicious_payload_and_a_wrong_pin_never_runs(tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+    path = tmp_path / "model.pkl"
+    path.write_bytes(pickle.dumps(_Touch(str(marker))))
+
+    with pytest.raises(DataError):
+        load_model(path, expected_sha256="1" * 64)
+    assert not marker.exists()
+
+
+class _Opaque:
+    """A type no one has vouched for."""
+
+
+class _Touch:
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (pathlib.Path.touch, (pathlib.Path(self.path),))
+
+
+@pytest.mark.parametrize("algorithm", ["brute", "kd_tree", "ball_tree"])
+def test_a_skops_model_loads_without_pickle_and_ranks_like_the_original(
+    tmp_path: Path, algorithm: str
+) -> None:
+    estimator = _fitted(tmp_path, algorithm)
+    path = tmp_path / "model.skops"
+    skops.io.dump(estimator, path)
+
+    model = load_model(path)
+
+    np.testing.assert_array_equal(model.embeddings, estimator._fit_X)
+    assert model.metric == estimator.effective_metric_
+
+
+def test_a_skops_file_holding_an_untrusted_type_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "model.skops"
+    skops.io.dump({"model": _fitted(tmp_path), "extra": _Opaque()}, path)
+
+    with pytest.raises(DataError, match="does not trust"):
+        load_model(path)
+
+
+def test_the_data_directory_prefers_a_skops_model(tmp_path: Path) -> None:
+    (tmp_path / "model.pkl").write_bytes(b"")
+    (tmp_path / "model.skops").write_bytes(b"")
+
+    assert model_path(tmp_path).name == "model.skops"

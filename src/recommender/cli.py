@@ -273,7 +273,7 @@ def _load_database(arguments: argparse.Namespace) -> int:
     if url is None:
         log.error("name the database: --database-url postgresql://user@host:port/database")
         return 2
-    summary = load_database(settings.data_dir, url, progress=log.info)
+    summary = load_database(settings.data_dir, url, log.info, settings.model_sha256)
     for skipped in summary.skipped:
         log.warning("%s", skipped)
     log.info(

@@ -10,7 +10,7 @@ from recommender.dataset.reader import DataError, Skipped, check_model_rows, rea
 from recommender.features import FeatureStore
 from recommender.features.embedded import EmbeddedStore
 from recommender.features.redis_cache import CachedStore
-from recommender.model import TasteModel, load_model
+from recommender.model import TasteModel, load_model, model_path
 from recommender.postgres.store import PostgresStore, read_database
 from recommender.ranking import Catalog, ExhaustiveRanker, FastRanker, Query, Ranking
 from recommender.settings import Settings
@@ -32,6 +32,8 @@ class LoadReport:
     n_users: int = 0
     n_features: int = 0
     metric: str = ""
+    model_sha256: str = ""
+    model_verified: bool = False
     store: str = ""
     ranker: str = ""
     prepared: bool = False
@@ -41,10 +43,12 @@ class LoadReport:
     def summary(self) -> str:
         """One line describing the loaded data."""
         prepared = "prepared user features anew" if self.prepared else "reused prepared features"
+        check = "verified" if self.model_verified else "NOT verified: no pinned SHA-256"
         return (
             f"loaded {self.n_restaurants} restaurants and {self.n_users} users "
             f"({self.n_features} features, metric {self.metric}, store {self.store}, "
-            f"ranker {self.ranker}; {prepared}) in {self.seconds:.2f} s"
+            f"ranker {self.ranker}; {prepared}; model sha256 {self.model_sha256[:12]} "
+            f"{check}) in {self.seconds:.2f} s"
         )
 
 
@@ -105,7 +109,7 @@ def load_recommender(
     started = time.perf_counter()
     if not settings.data_dir.is_dir():
         raise DataError(f"data directory {settings.data_dir} does not exist")
-    model = load_model(settings.data_dir / MODEL_FILE)
+    model = load_model(model_path(settings.data_dir), settings.model_sha256)
     if settings.store == "embedded":
         catalog, store, skipped, prepared = _load_embedded(settings, model, progress)
         store_name = "embedded"
@@ -121,6 +125,8 @@ def load_recommender(
         n_users=store.n_users,
         n_features=model.n_features,
         metric=str(model.metric),
+        model_sha256=model.sha256,
+        model_verified=model.verified,
         store=store_name,
         ranker=settings.ranker,
         prepared=prepared,
@@ -156,7 +162,7 @@ def _load_postgres(settings: Settings, model: TasteModel) -> tuple[Catalog, Feat
     if (dataset["n_model_rows"], dataset["n_features"]) != (model.n_rows, model.n_features):
         raise DataError(
             f"the database was loaded for a model of {dataset['n_model_rows']} restaurants x "
-            f"{dataset['n_features']} features, but {settings.data_dir / MODEL_FILE} holds "
+            f"{dataset['n_features']} features, but {model_path(settings.data_dir)} holds "
             f"{model.n_rows} x {model.n_features}; run `recommender db load` with this model"
         )
     if len(restaurants) == 0:

@@ -27,6 +27,12 @@ class Settings(BaseSettings):
         None,
         description="Where prepared user features are kept; default: <data_dir>/.prepared.",
     )
+    model_sha256: str | None = Field(
+        None,
+        pattern=r"^[0-9a-fA-F]{64}$",
+        description="SHA-256 the model file must have; default: the <model file>.sha256 "
+        "beside it, if any.",
+    )
     host: str = Field("127.0.0.1", description="Address the HTTP server binds to.")
     port: int = Field(8000, ge=0, le=65535, description="Port the HTTP server binds to.")
     workers: int = Field(2, ge=1, le=64, description="Number of Gunicorn worker processes.")

@@ -15,7 +15,14 @@ import recommender.dataset.generate as generate_module
 from recommender.dataset.generate import generate
 
 SMALL = {"n_users": 300, "n_restaurants": 200, "n_features": 16, "n_requests": 50}
-FILES = ("restaurant.parquet", "user.parquet", "user.small.parquet", "model.pkl", "request.parquet")
+FILES = (
+    "restaurant.parquet",
+    "user.parquet",
+    "user.small.parquet",
+    "model.pkl",
+    "model.pkl.sha256",
+    "request.parquet",
+)
 LATITUDE_RANGE = (13.68, 14.11)
 LONGITUDE_RANGE = (100.30, 100.85)
 

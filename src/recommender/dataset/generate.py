@@ -12,6 +12,7 @@ apart: the restaurant table depends only on ``n_restaurants``, the model not on 
 ``n_requests``, and the user features not on ``n_restaurants`` or ``n_requests``.
 """
 
+import hashlib
 import math
 import pickle
 from collections.abc import Callable, Iterable
@@ -271,6 +272,8 @@ def _write_model(out_dir: Path, embeddings: np.ndarray) -> None:
     model = NearestNeighbors(metric="euclidean").fit(embeddings)
     with open(out_dir / "model.pkl", "wb") as file:
         pickle.dump(model, file, protocol=5)
+    digest = hashlib.sha256((out_dir / "model.pkl").read_bytes()).hexdigest()
+    (out_dir / "model.pkl.sha256").write_text(f"{digest}  model.pkl\n")
 
 
 def _write_users(

@@ -30,7 +30,7 @@ from recommender.dataset.reader import (
     user_feature_dtype,
 )
 from recommender.geo import FINE_RESOLUTION
-from recommender.model import load_model
+from recommender.model import load_model, model_path
 from recommender.postgres.schema import (
     DATASET,
     RESTAURANTS,
@@ -62,7 +62,10 @@ class LoadSummary:
 
 
 def load_database(
-    data_dir: Path, url: str, progress: Callable[[str], None] | None = None
+    data_dir: Path,
+    url: str,
+    progress: Callable[[str], None] | None = None,
+    model_sha256: str | None = None,
 ) -> LoadSummary:
     """Create the schema and load ``data_dir``'s users and restaurants into ``url``.
 
@@ -74,7 +77,7 @@ def load_database(
     """
     started = time.perf_counter()
     report = progress or (lambda message: None)
-    model = load_model(data_dir / "model.pkl")
+    model = load_model(model_path(data_dir), model_sha256)
     check_model_rows(model.n_rows, data_dir / "restaurant.parquet")
     restaurants, skipped = read_restaurants(data_dir / "restaurant.parquet", model.n_rows)
     users_file = data_dir / "user.parquet"
