@@ -1,5 +1,6 @@
 """Shared fixtures: small generated data directories and recommenders loaded from them."""
 
+import asyncio
 import contextlib
 import os
 import shutil
@@ -9,8 +10,10 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import psycopg
 import pyarrow.parquet as pq
 import pytest
@@ -18,6 +21,7 @@ import redis
 from psycopg import sql
 from sqlalchemy.engine import make_url
 
+from recommender.contract import parse_query, render
 from recommender.dataset.generate import generate
 from recommender.service import Recommender, load_recommender
 from recommender.settings import Settings
@@ -310,3 +314,42 @@ def _wait_for_cluster(port: int) -> None:
             return
         time.sleep(0.1)
     raise RuntimeError("the Redis Cluster did not become ready")
+
+
+def answer_all(recommender: Recommender, rows: list[dict]) -> list[bytes]:
+    """The rendered answer to each request row, with the recommender's store opened once."""
+
+    async def answer() -> list[bytes]:
+        await recommender.store.open()
+        try:
+            return [
+                render(
+                    await recommender.recommend(
+                        row["user_id"], parse_query(row, recommender.limits)
+                    )
+                )
+                for row in rows
+            ]
+        finally:
+            await recommender.store.close()
+
+    return asyncio.run(answer())
+
+
+@dataclass
+class Server:
+    """A running ``recommender serve`` process and the address it answers on."""
+
+    process: subprocess.Popen
+    url: str
+    log: Path
+
+    def log_text(self) -> str:
+        """What the server has logged so far."""
+        return self.log.read_text(errors="replace")
+
+
+def local_client(timeout: float = 10.0) -> httpx.Client:
+    """An HTTP client for servers on this machine."""
+    # trust_env=False: no proxy from the environment may see this traffic.
+    return httpx.Client(trust_env=False, timeout=timeout)

@@ -8,21 +8,19 @@ the PostgreSQL server that other tests share.
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import SMALL, TcpProxy, through_proxy
+from conftest import SMALL, Server, TcpProxy, answer_all, free_port, local_client, through_proxy
 
 from recommender.contract import parse_query, render
 from recommender.dataset.generate import generate
@@ -58,9 +56,7 @@ def loaded_url(database_url: str, data_dir: Path) -> str:
 @pytest.fixture
 def unused_port() -> int:
     """A loopback port nothing listens on."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    return free_port()
 
 
 def _environment(**settings: str) -> dict[str, str]:
@@ -83,24 +79,6 @@ def _embedded_answers(recommender: Recommender, requests: list[dict]) -> list[by
     ]
 
 
-def _postgres_answers(recommender: Recommender, requests: list[dict]) -> list[bytes]:
-    async def answer_all() -> list[bytes]:
-        await recommender.store.open()
-        try:
-            return [
-                render(
-                    await recommender.recommend(
-                        request["user_id"], parse_query(request, recommender.limits)
-                    )
-                )
-                for request in requests
-            ]
-        finally:
-            await recommender.store.close()
-
-    return asyncio.run(answer_all())
-
-
 @pytest.mark.parametrize("loads", [1, 2], ids=["loaded-once", "loaded-twice"])
 def test_postgres_answers_every_request_byte_for_byte_as_the_embedded_store(
     database_url: str,
@@ -113,7 +91,7 @@ def test_postgres_answers_every_request_byte_for_byte_as_the_embedded_store(
         load_database(data_dir, database_url)
     served = load_recommender(Settings(data_dir=data_dir, store=database_url))
 
-    answers = _postgres_answers(served, requests)
+    answers = answer_all(served, requests)
 
     expected = _embedded_answers(recommender, requests)
     mismatches = [
@@ -232,31 +210,8 @@ def test_the_store_answers_again_once_postgres_comes_back(
 # The server.
 
 
-@dataclass
-class Server:
-    """A running ``recommender serve`` process and the address it answers on."""
-
-    process: subprocess.Popen
-    url: str
-    log: Path
-
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _client() -> httpx.Client:
-    # trust_env=False: no proxy from the environment may see this traffic.
-    return httpx.Client(trust_env=False, timeout=CLIENT_TIMEOUT)
-
-
 def _start(data_dir: Path, store: str, tmp_path: Path) -> Server:
-    port = _free_port()
+    port = free_port()
     env = _environment(
         prepared_dir=str(tmp_path / "prepared"),
         store_timeout=str(STORE_TIMEOUT),
@@ -279,7 +234,7 @@ def _start(data_dir: Path, store: str, tmp_path: Path) -> Server:
 
 def _wait_until_healthy(server: Server) -> None:
     deadline = time.monotonic() + START_TIMEOUT
-    with _client() as client:
+    with local_client(CLIENT_TIMEOUT) as client:
         while time.monotonic() < deadline:
             if server.process.poll() is not None:
                 pytest.fail(f"server exited with {server.process.returncode}:\n{server.log_text()}")
@@ -342,7 +297,7 @@ def proxied_server(
 def _ask(server: Server, request: dict) -> int | str:
     """The status of one request on a fresh connection, or the transport error's name."""
     # A fresh connection per request, so that either worker may accept it.
-    with _client() as client:
+    with local_client(CLIENT_TIMEOUT) as client:
         url = f"{server.url}/recommend/{request['user_id']}"
         parameters = {"latitude": request["latitude"], "longitude": request["longitude"]}
         try:
@@ -375,7 +330,7 @@ def test_serve_exits_with_a_clear_message_when_postgres_is_unreachable_at_start(
     command = [str(RECOMMENDER), "serve", "--store", store, "--data-dir", str(data_dir)]
 
     finished = subprocess.run(
-        [*command, "--port", str(_free_port())],
+        [*command, "--port", str(free_port())],
         env=env,
         cwd=tmp_path,
         capture_output=True,

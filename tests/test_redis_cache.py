@@ -26,13 +26,13 @@ import pyarrow.parquet as pq
 import pytest
 import redis
 import redis.cluster
-from conftest import SMALL, RedisProcess, free_port
+from conftest import SMALL, RedisProcess, answer_all, free_port
 from pydantic import ValidationError
 from sqlalchemy.engine import make_url
 
 import recommender.features.redis_cache as redis_cache
 from recommender.api import create_app
-from recommender.contract import PARAMETERS, parse_query, render
+from recommender.contract import PARAMETERS
 from recommender.features.redis_cache import CLUSTER_SCHEME, CachedStore, feature_key, warm
 from recommender.postgres.load import load_database
 from recommender.postgres.store import iter_user_features
@@ -520,26 +520,8 @@ def test_serve_with_an_unreachable_cache_starts_answers_and_warns(
 # Answers with and without the cache.
 
 
-def _answers(recommender: Recommender, rows: list[dict]) -> list[bytes]:
-    async def answer_all() -> list[bytes]:
-        await recommender.store.open()
-        try:
-            return [
-                render(
-                    await recommender.recommend(
-                        row["user_id"], parse_query(row, recommender.limits)
-                    )
-                )
-                for row in rows
-            ]
-        finally:
-            await recommender.store.close()
-
-    return asyncio.run(answer_all())
-
-
 def _uncached_answers(data_dir: Path, url: str, rows: list[dict]) -> list[bytes]:
-    return _answers(load_recommender(Settings(data_dir=data_dir, store=url)), rows)
+    return answer_all(load_recommender(Settings(data_dir=data_dir, store=url)), rows)
 
 
 def _mismatches(answers: list[bytes], expected: list[bytes]) -> list[int]:
@@ -556,8 +538,8 @@ def test_answers_with_the_cache_are_identical_to_answers_without_it(
 ) -> None:
     cached = _cached_recommender(data_dir, loaded_url, redis_server)
 
-    cold = _answers(cached, requests)
-    warmed = _answers(cached, requests)
+    cold = answer_all(cached, requests)
+    warmed = answer_all(cached, requests)
 
     # Each user was read from PostgreSQL once; every other answer came from Redis.
     assert cached.store.misses == len({row["user_id"] for row in requests})
@@ -827,7 +809,7 @@ def test_answers_through_a_warmed_cluster_cache_are_identical_to_answers_without
     batches = iter_user_features(loaded_url, BATCH_SIZE)
     warm(redis_cluster, cached.store.load_id, batches, TTL, CLIENT_TIMEOUT)
 
-    answers = _answers(cached, requests)
+    answers = answer_all(cached, requests)
 
     assert cached.store.misses == 0
     assert _mismatches(answers, _uncached_answers(data_dir, loaded_url, requests)) == []

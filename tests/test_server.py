@@ -4,17 +4,16 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
+from conftest import Server, free_port, local_client
 
 from recommender.contract import render
 from recommender.ranking import Query
@@ -27,32 +26,9 @@ START_TIMEOUT = 30.0
 STOP_TIMEOUT = 30.0
 
 
-@dataclass
-class Server:
-    """A running ``recommender serve`` process and the address it answers on."""
-
-    process: subprocess.Popen
-    url: str
-    log: Path
-
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _local_client() -> httpx.Client:
-    # trust_env=False: no proxy from the environment may see this traffic.
-    return httpx.Client(trust_env=False, timeout=10.0)
-
-
 def _wait_until_healthy(server: Server) -> None:
     deadline = time.monotonic() + START_TIMEOUT
-    with _local_client() as client:
+    with local_client() as client:
         while time.monotonic() < deadline:
             if server.process.poll() is not None:
                 pytest.fail(f"server exited with {server.process.returncode}:\n{server.log_text()}")
@@ -66,7 +42,7 @@ def _wait_until_healthy(server: Server) -> None:
 
 
 def _start(data_dir: Path, tmp_path: Path) -> Server:
-    port = _free_port()
+    port = free_port()
     env = {key: value for key, value in os.environ.items() if not key.startswith("RECOMMENDER_")}
     env["RECOMMENDER_PREPARED_DIR"] = str(tmp_path / "prepared")
     log = tmp_path / "server.log"
@@ -134,7 +110,7 @@ def _expected(recommender: Recommender, user_id: str, query: Query) -> bytes:
 def test_served_answers_equal_the_in_process_answers_byte_for_byte(
     server: Server, recommender: Recommender, requests: list[dict]
 ) -> None:
-    with _local_client() as client:
+    with local_client() as client:
         for row in requests[:10]:
             query = Query(row["latitude"], row["longitude"], row["size"], 7500.0, True)
             parameters = {
@@ -158,7 +134,7 @@ def test_served_post_answers_equal_the_in_process_answers_byte_for_byte(
     body = {"latitude": row["latitude"], "longitude": row["longitude"], "size": float("nan")}
     query = Query(row["latitude"], row["longitude"], 20, 5000.0, False)
 
-    with _local_client() as client:
+    with local_client() as client:
         response = client.post(f"{server.url}/recommend/{row['user_id']}", content=json.dumps(body))
 
     assert response.status_code == 200
@@ -176,7 +152,7 @@ def test_many_concurrent_requests_are_answered_without_losing_a_worker(
 
     def ask(row: dict) -> int:
         # A fresh connection per request, so that either worker may accept it.
-        with _local_client() as client:
+        with local_client() as client:
             url = f"{server.url}/recommend/{row['user_id']}"
             parameters = {"latitude": row["latitude"], "longitude": row["longitude"]}
             return client.get(url, params=parameters).status_code
@@ -220,7 +196,7 @@ def test_many_concurrent_requests_are_answered_without_losing_a_worker(
 def test_bad_input_is_answered_with_a_4xx_json_body(
     server: Server, method: str, path: str, body: bytes | None, status: int
 ) -> None:
-    with _local_client() as client:
+    with local_client() as client:
         response = client.request(method, f"{server.url}{path}", content=body)
 
     assert response.status_code == status
