@@ -6,6 +6,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -23,6 +24,7 @@ from sqlalchemy.engine import make_url
 
 from recommender.contract import parse_query, render
 from recommender.dataset.generate import generate
+from recommender.postgres.load import load_database
 from recommender.service import Recommender, load_recommender
 from recommender.settings import Settings
 
@@ -353,3 +355,43 @@ def local_client(timeout: float = 10.0) -> httpx.Client:
     """An HTTP client for servers on this machine."""
     # trust_env=False: no proxy from the environment may see this traffic.
     return httpx.Client(trust_env=False, timeout=timeout)
+
+
+RECOMMENDER = Path(sys.executable).with_name("recommender")
+
+
+def start_server(data_dir: Path, tmp_path: Path, *options: str, **settings: str) -> Server:
+    """``recommender serve`` on a free loopback port, in a process group of its own.
+
+    ``settings`` become ``RECOMMENDER_*`` variables; no other such variable is inherited.
+    """
+    port = free_port()
+    env = {key: value for key, value in os.environ.items() if not key.startswith("RECOMMENDER_")}
+    env["RECOMMENDER_PREPARED_DIR"] = str(tmp_path / "prepared")
+    env.update({f"RECOMMENDER_{name.upper()}": value for name, value in settings.items()})
+    log = tmp_path / "server.log"
+    command = [str(RECOMMENDER), "serve", "--data-dir", str(data_dir), "--port", str(port)]
+    with log.open("wb") as output:
+        process = subprocess.Popen(
+            [*command, *options],
+            env=env,
+            cwd=tmp_path,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            # Its own process group, so teardown can end the workers along with the master.
+            start_new_session=True,
+        )
+    return Server(process=process, url=f"http://127.0.0.1:{port}", log=log)
+
+
+@pytest.fixture
+def loaded_url(database_url: str, data_dir: Path) -> str:
+    """A database holding the small data."""
+    load_database(data_dir, database_url)
+    return database_url
+
+
+@pytest.fixture
+def unused_port() -> int:
+    """A loopback port nothing listens on."""
+    return free_port()

@@ -7,7 +7,6 @@ different tests never see each other's tables.
 import asyncio
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -121,21 +120,6 @@ def other_data_dir(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
         [*ids, *(f"extra{i:05d}" for i in range(EXTRA_USERS))],
         np.vstack([0.5 - features, extra]),
     )
-
-
-@pytest.fixture
-def loaded_url(database_url: str, data_dir: Path) -> str:
-    """A database holding the small data."""
-    load_database(data_dir, database_url)
-    return database_url
-
-
-@pytest.fixture
-def unused_port() -> int:
-    """A loopback port nothing listens on."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _user_file_with_bad_value(data_dir: Path, target: Path, value: float, position: int) -> Path:

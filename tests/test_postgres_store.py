@@ -20,7 +20,16 @@ import httpx
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import SMALL, Server, TcpProxy, answer_all, free_port, local_client, through_proxy
+from conftest import (
+    SMALL,
+    Server,
+    TcpProxy,
+    answer_all,
+    free_port,
+    local_client,
+    start_server,
+    through_proxy,
+)
 
 from recommender.contract import parse_query, render
 from recommender.dataset.generate import generate
@@ -44,19 +53,6 @@ RECOVERY_TIMEOUT = 30.0
 # Seconds the served store waits for PostgreSQL per request before answering 503.
 STORE_TIMEOUT = 1
 N_REQUESTS = 16
-
-
-@pytest.fixture
-def loaded_url(database_url: str, data_dir: Path) -> str:
-    """A database holding the small data."""
-    load_database(data_dir, database_url)
-    return database_url
-
-
-@pytest.fixture
-def unused_port() -> int:
-    """A loopback port nothing listens on."""
-    return free_port()
 
 
 def _environment(**settings: str) -> dict[str, str]:
@@ -211,25 +207,16 @@ def test_the_store_answers_again_once_postgres_comes_back(
 
 
 def _start(data_dir: Path, store: str, tmp_path: Path) -> Server:
-    port = free_port()
-    env = _environment(
-        prepared_dir=str(tmp_path / "prepared"),
+    return start_server(
+        data_dir,
+        tmp_path,
+        "--store",
+        store,
+        "--workers",
+        str(WORKERS),
         store_timeout=str(STORE_TIMEOUT),
         store_start_timeout="10",
     )
-    log = tmp_path / "server.log"
-    command = [str(RECOMMENDER), "serve", "--store", store, "--data-dir", str(data_dir)]
-    with log.open("wb") as output:
-        process = subprocess.Popen(
-            [*command, "--port", str(port), "--workers", str(WORKERS)],
-            env=env,
-            cwd=tmp_path,
-            stdout=output,
-            stderr=subprocess.STDOUT,
-            # Its own process group, so teardown can end the workers along with the master.
-            start_new_session=True,
-        )
-    return Server(process=process, url=f"http://127.0.0.1:{port}", log=log)
 
 
 def _wait_until_healthy(server: Server) -> None:

@@ -67,13 +67,6 @@ STORE_URL = "postgresql://postgres@127.0.0.1:5432/test"
 # Data and cache.
 
 
-@pytest.fixture
-def loaded_url(database_url: str, data_dir: Path) -> str:
-    """A database holding the small data."""
-    load_database(data_dir, database_url)
-    return database_url
-
-
 def _load_id(url: str) -> str:
     with psycopg.connect(url) as connection:
         return connection.execute("SELECT load_id FROM dataset").fetchone()[0]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import Server, free_port, local_client
+from conftest import Server, local_client, start_server
 
 from recommender.contract import render
 from recommender.ranking import Query
@@ -42,22 +42,7 @@ def _wait_until_healthy(server: Server) -> None:
 
 
 def _start(data_dir: Path, tmp_path: Path) -> Server:
-    port = free_port()
-    env = {key: value for key, value in os.environ.items() if not key.startswith("RECOMMENDER_")}
-    env["RECOMMENDER_PREPARED_DIR"] = str(tmp_path / "prepared")
-    log = tmp_path / "server.log"
-    command = [str(RECOMMENDER), "serve", "--data-dir", str(data_dir), "--port", str(port)]
-    with log.open("wb") as output:
-        process = subprocess.Popen(
-            [*command, "--workers", str(WORKERS)],
-            env=env,
-            cwd=tmp_path,
-            stdout=output,
-            stderr=subprocess.STDOUT,
-            # Its own process group, so teardown can end the workers along with the master.
-            start_new_session=True,
-        )
-    return Server(process=process, url=f"http://127.0.0.1:{port}", log=log)
+    return start_server(data_dir, tmp_path, "--workers", str(WORKERS))
 
 
 def _stop(server: Server) -> None:
