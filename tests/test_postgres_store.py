@@ -31,7 +31,6 @@ from conftest import (
     through_proxy,
 )
 
-from recommender.contract import parse_query, render
 from recommender.dataset.generate import generate
 from recommender.dataset.reader import DataError
 from recommender.features import StoreUnavailable
@@ -64,17 +63,6 @@ def _environment(**settings: str) -> dict[str, str]:
 # Answers.
 
 
-def _embedded_answers(recommender: Recommender, requests: list[dict]) -> list[bytes]:
-    return [
-        render(
-            asyncio.run(
-                recommender.recommend(request["user_id"], parse_query(request, recommender.limits))
-            )
-        )
-        for request in requests
-    ]
-
-
 @pytest.mark.parametrize("loads", [1, 2], ids=["loaded-once", "loaded-twice"])
 def test_postgres_answers_every_request_byte_for_byte_as_the_embedded_store(
     database_url: str,
@@ -89,7 +77,7 @@ def test_postgres_answers_every_request_byte_for_byte_as_the_embedded_store(
 
     answers = answer_all(served, requests)
 
-    expected = _embedded_answers(recommender, requests)
+    expected = answer_all(recommender, requests)
     mismatches = [
         number
         for number, (answer, wanted) in enumerate(zip(answers, expected, strict=True))

@@ -14,12 +14,9 @@ import pytest
 import scipy.sparse
 from sklearn.neighbors import NearestNeighbors
 
-from recommender.dataset.reader import DataError
+from recommender.dataset.reader import MODEL_FILE, RESTAURANT_FILE, USER_FILE, DataError
 from recommender.ranking import Query
 from recommender.service import (
-    MODEL_FILE,
-    RESTAURANT_FILE,
-    USER_FILE,
     Recommender,
     UnknownUser,
     load_recommender,

@@ -12,7 +12,13 @@ import numpy as np
 import scipy.sparse
 import skops.io
 
-from recommender.dataset.reader import MAX_FEATURE_MAGNITUDE, DataError, usable_rows
+from recommender.dataset.reader import (
+    MAX_FEATURE_MAGNITUDE,
+    MODEL_FILE,
+    SKOPS_MODEL_FILE,
+    DataError,
+    usable_rows,
+)
 
 
 @dataclass(frozen=True)
@@ -64,8 +70,8 @@ _NEIGHBORS_INTERNALS = (
 
 def model_path(data_dir: Path) -> Path:
     """The data directory's model: ``model.skops`` when present, else ``model.pkl``."""
-    skops_file = data_dir / "model.skops"
-    return skops_file if skops_file.exists() else data_dir / "model.pkl"
+    skops_file = data_dir / SKOPS_MODEL_FILE
+    return skops_file if skops_file.exists() else data_dir / MODEL_FILE
 
 
 def load_model(path: Path, expected_sha256: str | None = None) -> TasteModel:

@@ -6,7 +6,14 @@ from dataclasses import dataclass, field
 
 from recommender.contract import Limits
 from recommender.dataset.prepared import load_prepared_users
-from recommender.dataset.reader import DataError, Skipped, check_model_rows, read_restaurants
+from recommender.dataset.reader import (
+    RESTAURANT_FILE,
+    USER_FILE,
+    DataError,
+    Skipped,
+    check_model_rows,
+    read_restaurants,
+)
 from recommender.features import FeatureStore
 from recommender.features.embedded import EmbeddedStore
 from recommender.features.redis_cache import CachedStore
@@ -14,10 +21,6 @@ from recommender.model import TasteModel, load_model, model_path
 from recommender.postgres.store import PostgresStore, read_database
 from recommender.ranking import Catalog, ExhaustiveRanker, FastRanker, Query, Ranking
 from recommender.settings import Settings
-
-RESTAURANT_FILE = "restaurant.parquet"
-USER_FILE = "user.parquet"
-MODEL_FILE = "model.pkl"
 
 
 class UnknownUser(LookupError):

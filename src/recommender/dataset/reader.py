@@ -10,6 +10,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+RESTAURANT_FILE = "restaurant.parquet"
+USER_FILE = "user.parquet"
+MODEL_FILE = "model.pkl"
+SKOPS_MODEL_FILE = "model.skops"
 RESTAURANT_COLUMNS = ("restaurant_id", "index", "latitude", "longitude")
 EXAMPLES_SHOWN = 5
 # Larger values overflow float64 once squared, so no metric could compare them.

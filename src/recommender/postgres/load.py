@@ -20,6 +20,8 @@ from sqlalchemy import MetaData, insert, inspect
 from sqlalchemy.exc import DBAPIError
 
 from recommender.dataset.reader import (
+    RESTAURANT_FILE,
+    USER_FILE,
     DataError,
     Skipped,
     UserChecks,
@@ -78,9 +80,9 @@ def load_database(
     started = time.perf_counter()
     report = progress or (lambda message: None)
     model = load_model(model_path(data_dir), model_sha256)
-    check_model_rows(model.n_rows, data_dir / "restaurant.parquet")
-    restaurants, skipped = read_restaurants(data_dir / "restaurant.parquet", model.n_rows)
-    users_file = data_dir / "user.parquet"
+    check_model_rows(model.n_rows, data_dir / RESTAURANT_FILE)
+    restaurants, skipped = read_restaurants(data_dir / RESTAURANT_FILE, model.n_rows)
+    users_file = data_dir / USER_FILE
     dtype = user_feature_dtype(users_file, model.n_features)
     n_rows = count_rows(users_file)
 
