@@ -94,6 +94,16 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error", "critical"] = Field(
         "info", description="Log level of the Gunicorn server."
     )
+    log_format: Literal["auto", "json", "text"] = Field(
+        "auto",
+        description="Log lines as JSON objects or as text; auto: text on a terminal, JSON "
+        "otherwise.",
+    )
+    metrics_dir: Path | None = Field(
+        None,
+        description="Directory where the workers' Prometheus metrics meet; default: a fresh "
+        "temporary directory, removed on exit.",
+    )
 
     @field_validator("store")
     @classmethod
