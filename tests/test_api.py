@@ -565,3 +565,21 @@ def test_a_long_bad_value_is_echoed_only_in_part(client: Client) -> None:
 
     assert response.status_code == 422
     assert len(response.json()["detail"]) < 300
+
+
+@pytest.mark.parametrize(
+    ("target", "part"),
+    [
+        ("/recommend/" + "u" * 2000 + "?latitude=1&longitude=1", "path"),
+        ("/recommend/u1?latitude=1&longitude=1&pad=" + "x" * 3000, "query"),
+        ("/healthz?" + "x" * 3000, "query"),
+    ],
+)
+def test_an_oversized_path_or_query_is_refused_with_414_naming_it(
+    client: Client, target: str, part: str
+) -> None:
+    response = client.get(target)
+
+    assert response.status_code == 414
+    assert response.json()["parameter"] == part
+    assert "at most" in response.json()["detail"]

@@ -8,6 +8,7 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.requests import ClientDisconnect
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from recommender.contract import (
     MAX_USER_ID_LENGTH,
@@ -23,6 +24,10 @@ from recommender.features import StoredFeaturesInvalid, StoreUnavailable
 from recommender.service import Recommender, UnknownUser
 
 MAX_BODY_BYTES = 16_384
+# Far above any valid request (a user id of at most 256 characters, five short numbers), so
+# only an abusive or broken client meets them; its request is refused before routing.
+MAX_PATH_BYTES = 1024
+MAX_QUERY_BYTES = 2048
 
 _RESPONSE_SCHEMA = {
     "type": "object",
@@ -250,7 +255,29 @@ def create_app(recommender: Recommender) -> FastAPI:
             headers={"Retry-After": "1"},
         )
 
+    app.add_middleware(RefuseOversized)
     return app
+
+
+class RefuseOversized:
+    """ASGI middleware: an oversized path or query string gets 414 before it is routed."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            path = scope.get("raw_path") or scope["path"].encode()
+            for part, size, limit in (
+                ("path", len(path), MAX_PATH_BYTES),
+                ("query", len(scope["query_string"]), MAX_QUERY_BYTES),
+            ):
+                if size > limit:
+                    detail = f"the {part} is {size} bytes long; at most {limit} are accepted"
+                    refusal = JSONResponse({"detail": detail, "parameter": part}, status_code=414)
+                    await refusal(scope, receive, send)
+                    return
+        await self.app(scope, receive, send)
 
 
 async def _answer(recommender: Recommender, user_id: str, raw: dict) -> Response:
