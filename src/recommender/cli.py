@@ -164,11 +164,15 @@ def _serve(arguments: argparse.Namespace) -> int:
 
     settings = _settings(arguments)
     _generate_default_data_if_missing(settings)
-    recommender = load_recommender(settings, progress=log.info)
-    _log_loaded(recommender.report)
-    if isinstance(recommender.store, CachedStore) and settings.cache_warm:
-        _warm(settings, recommender.store)
-    serve(recommender, settings)
+
+    def load() -> Recommender:
+        recommender = load_recommender(settings, progress=log.info)
+        _log_loaded(recommender.report)
+        if isinstance(recommender.store, CachedStore) and settings.cache_warm:
+            _warm(settings, recommender.store)
+        return recommender
+
+    serve(load, settings)
     return 0
 
 

@@ -2,14 +2,18 @@
 
 import gc
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from gunicorn.app.base import BaseApplication
 from threadpoolctl import threadpool_limits
 
 from recommender.api import create_app
+from recommender.dataset.reader import DataError
 from recommender.service import Recommender
 from recommender.settings import Settings
+
+log = logging.getLogger("recommender")
 
 
 def _limit_blas_threads(server: Any, worker: Any) -> None:
@@ -18,15 +22,20 @@ def _limit_blas_threads(server: Any, worker: Any) -> None:
 
 
 class Server(BaseApplication):
-    """A Gunicorn application serving an already loaded ``Recommender``.
+    """A Gunicorn application serving a ``Recommender`` loaded in the master.
 
     The recommender is loaded before the workers fork, so its arrays (and the memory-mapped
-    user features) are shared between all workers instead of copied into each.
+    user features) are shared between all workers instead of copied into each. SIGHUP to the
+    master calls ``load`` again: if it succeeds, new workers fork from the new data while the
+    old ones finish their requests and exit; if it fails, the new workers fork from the data
+    loaded before. Each worker answers from one data set only, never a mix.
     """
 
-    def __init__(self, recommender: Recommender, settings: Settings) -> None:
-        self.recommender = recommender
+    def __init__(self, load: Callable[[], Recommender], settings: Settings) -> None:
+        self.load_recommender = load
         self.settings = settings
+        self.recommender = load()
+        _freeze()
         super().__init__()
 
     def load_config(self) -> None:
@@ -49,12 +58,35 @@ class Server(BaseApplication):
     def load(self) -> Any:
         return create_app(self.recommender)
 
+    def reload(self) -> None:
+        """On SIGHUP: load the data again; keep what is loaded if that fails."""
+        super().reload()
+        log.info("reloading the data on SIGHUP")
+        try:
+            recommender = self.load_recommender()
+        except DataError as error:
+            log.error(
+                "reload failed; the workers keep answering from the data loaded before: %s", error
+            )
+            return
+        except Exception:  # noqa: BLE001 - the master must outlive any failed reload
+            log.exception("reload failed; the workers keep answering from the data loaded before")
+            return
+        self.recommender = recommender
+        # Gunicorn calls load() again for the workers it forks next.
+        self.callable = None
+        _freeze()
 
-def serve(recommender: Recommender, settings: Settings) -> None:
-    """Run the HTTP server until it is stopped (SIGTERM or SIGINT)."""
-    logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
+
+def _freeze() -> None:
     # What the master loaded lives as long as the workers: keeping it out of the collector's
     # scans shortens GC pauses and keeps the pages shared after the fork.
+    gc.unfreeze()
     gc.collect()
     gc.freeze()
-    Server(recommender, settings).run()
+
+
+def serve(load: Callable[[], Recommender], settings: Settings) -> None:
+    """Load with ``load`` and serve until stopped (SIGTERM or SIGINT); SIGHUP reloads."""
+    logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
+    Server(load, settings).run()
