@@ -4,6 +4,7 @@ import asyncio
 import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -19,6 +20,7 @@ import psycopg
 import pyarrow.parquet as pq
 import pytest
 import redis
+from fastapi import FastAPI
 from psycopg import sql
 from sqlalchemy.engine import make_url
 
@@ -338,6 +340,29 @@ def answer_all(recommender: Recommender, rows: list[dict]) -> list[bytes]:
     return asyncio.run(answer())
 
 
+class Client:
+    """A synchronous client for the app, through httpx's ASGI transport (no server, no network)."""
+
+    def __init__(self, app: FastAPI) -> None:
+        self.app = app
+
+    def request(self, method: str, url: str, **kwargs: object) -> httpx.Response:
+        async def send() -> httpx.Response:
+            transport = httpx.ASGITransport(app=self.app, raise_app_exceptions=False)
+            # The lifespan opens the store, as a server's worker does before serving.
+            async with self.app.router.lifespan_context(self.app):
+                async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+                    return await c.request(method, url, **kwargs)
+
+        return asyncio.run(send())
+
+    def get(self, url: str, **kwargs: object) -> httpx.Response:
+        return self.request("GET", url, **kwargs)
+
+    def post(self, url: str, **kwargs: object) -> httpx.Response:
+        return self.request("POST", url, **kwargs)
+
+
 @dataclass
 class Server:
     """A running ``recommender serve`` process and the address it answers on."""
@@ -395,3 +420,29 @@ def loaded_url(database_url: str, data_dir: Path) -> str:
 def unused_port() -> int:
     """A loopback port nothing listens on."""
     return free_port()
+
+
+def wait_until_healthy(server: Server, timeout: float = 30.0) -> None:
+    """Wait (bounded) until ``server`` answers /healthz; fail with its log if it exits or not."""
+    deadline = time.monotonic() + timeout
+    with local_client() as client:
+        while time.monotonic() < deadline:
+            if server.process.poll() is not None:
+                pytest.fail(f"server exited with {server.process.returncode}:\n{server.log_text()}")
+            with contextlib.suppress(httpx.TransportError):
+                if client.get(f"{server.url}/healthz").status_code == 200:
+                    return
+            time.sleep(0.1)
+    pytest.fail(f"server did not answer /healthz within {timeout} s:\n{server.log_text()}")
+
+
+def stop_server(server: Server, timeout: float = 30.0) -> None:
+    """SIGTERM the master; SIGKILL its whole process group if it outlives ``timeout``."""
+    if server.process.poll() is not None:
+        return
+    server.process.terminate()
+    try:
+        server.process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(server.process.pid, signal.SIGKILL)
+        server.process.wait()

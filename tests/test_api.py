@@ -7,7 +7,7 @@ from urllib.parse import quote
 
 import httpx
 import pytest
-from fastapi import FastAPI
+from conftest import Client
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -19,29 +19,6 @@ from recommender.service import Recommender
 USER = "u001"
 POINT = "latitude=13.8&longitude=100.5"
 POINT_BODY = {"latitude": 13.8, "longitude": 100.5}
-
-
-class Client:
-    """A synchronous client for the app, through httpx's ASGI transport (no server, no network)."""
-
-    def __init__(self, app: FastAPI) -> None:
-        self.app = app
-
-    def request(self, method: str, url: str, **kwargs: object) -> httpx.Response:
-        async def send() -> httpx.Response:
-            transport = httpx.ASGITransport(app=self.app, raise_app_exceptions=False)
-            # The lifespan opens the store, as a server's worker does before serving.
-            async with self.app.router.lifespan_context(self.app):
-                async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
-                    return await c.request(method, url, **kwargs)
-
-        return asyncio.run(send())
-
-    def get(self, url: str, **kwargs: object) -> httpx.Response:
-        return self.request("GET", url, **kwargs)
-
-    def post(self, url: str, **kwargs: object) -> httpx.Response:
-        return self.request("POST", url, **kwargs)
 
 
 @pytest.fixture(scope="module")

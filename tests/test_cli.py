@@ -11,12 +11,14 @@ import pyarrow.parquet as pq
 import pytest
 
 import recommender.dataset.generate as generate_module
+import recommender.observability as observability
 import recommender.server as server_module
 from recommender import cli
 from recommender.contract import render
 from recommender.dataset.generate import generate
 from recommender.ranking import Query
-from recommender.service import Recommender
+from recommender.service import Recommender, load_recommender
+from recommender.settings import Settings
 
 RECOMMENDER = Path(sys.executable).with_name("recommender")
 SMALL = {"n_users": 50, "n_restaurants": 80, "n_features": 4, "n_requests": 10}
@@ -79,7 +81,12 @@ def bare_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[tu
             monkeypatch.delenv(name)
     monkeypatch.chdir(tmp_path)
     served = []
-    monkeypatch.setattr(server_module, "serve", lambda *arguments: served.append(arguments))
+    # The server's logging configuration would replace pytest's log capture.
+    monkeypatch.setattr(observability, "configure_logging", lambda *arguments: None)
+    # As the real server does, the recommender is loaded before anything is served.
+    monkeypatch.setattr(
+        server_module, "serve", lambda load, settings: served.append((load(), settings))
+    )
     return served
 
 
@@ -140,3 +147,27 @@ def test_recommend_warns_about_skipped_rows(tmp_path: Path) -> None:
 
     assert result.returncode == 0
     assert "skipped 1 rows" in result.stderr
+
+
+def test_data_fit_fits_the_model_that_generate_no_model_left_out(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    sizes = ["--users", "20", "--restaurants", "30", "--features", "4", "--requests", "5"]
+    generated = cli.main(["data", "generate", "--out", str(data), *sizes, "--no-model"])
+    assert not (data / "model.pkl").exists()
+
+    fitted = cli.main(["data", "fit", "--data-dir", str(data)])
+
+    assert (generated, fitted) == (0, 0)
+    recommender = load_recommender(Settings(data_dir=data, prepared_dir=tmp_path / "prepared"))
+    assert (recommender.report.n_restaurants, recommender.report.n_features) == (30, 4)
+    assert recommender.report.model_verified
+
+
+def test_data_fit_without_embeddings_exits_2_saying_how_to_write_them(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    status = cli.main(["data", "fit", "--data-dir", str(tmp_path)])
+
+    assert status == 2
+    assert "recommender data generate --no-model" in caplog.text
+    assert list(tmp_path.iterdir()) == []

@@ -3,6 +3,7 @@
 import asyncio
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,9 +14,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import Server, local_client, start_server
+from conftest import SMALL, Server, local_client, start_server
+from prometheus_client.parser import text_string_to_metric_families
 
 from recommender.contract import render
+from recommender.dataset.generate import generate
 from recommender.ranking import Query
 from recommender.service import Recommender
 
@@ -206,3 +209,73 @@ def _gone_within(pids: set[int], timeout: float) -> bool:
             return False
         time.sleep(0.1)
     return True
+
+
+def _recommend_count(text: str) -> float:
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "recommender_requests_total"
+        and sample.labels["route"] == "/recommend/{user_id}"
+    )
+
+
+def test_metrics_and_log_lines_cover_every_worker(own_server: Server, requests: list[dict]) -> None:
+    server = own_server
+    rows = requests[:60]
+
+    def ask(numbered: tuple[int, dict]) -> int:
+        number, row = numbered
+        # A fresh connection per request, so that either worker may accept it.
+        with local_client() as client:
+            url = f"{server.url}/recommend/{row['user_id']}"
+            parameters = {"latitude": row["latitude"], "longitude": row["longitude"]}
+            headers = {"X-Request-ID": f"probe-{number}"}
+            return client.get(url, params=parameters, headers=headers).status_code
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        statuses = list(pool.map(ask, enumerate(rows)))
+    with local_client() as client:
+        metrics = client.get(f"{server.url}/metrics").text
+
+    lines = [json.loads(line) for line in server.log_text().splitlines() if line.startswith("{")]
+    requests_logged = [line for line in lines if line.get("request_id", "").startswith("probe-")]
+    assert statuses == [200] * len(rows)
+    assert _recommend_count(metrics) == len(rows)
+    assert sorted(line["request_id"] for line in requests_logged) == sorted(
+        f"probe-{number}" for number in range(len(rows))
+    )
+    assert {line["pid"] for line in requests_logged} == _worker_pids(server)
+
+
+def test_after_a_reload_the_version_metric_names_only_the_new_model(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    served = tmp_path / "served"
+    shutil.copytree(data_dir, served)
+    server = start_server(served, tmp_path, "--workers", str(WORKERS))
+    try:
+        _wait_until_healthy(server)
+        with local_client() as client:
+            before = client.get(f"{server.url}/healthz").headers["X-Model-SHA256"]
+        old_workers = _worker_pids(server)
+        generate(served, **{**SMALL, "seed": SMALL["seed"] + 1})
+
+        server.process.send_signal(signal.SIGHUP)
+        assert _gone_within(old_workers, STOP_TIMEOUT), server.log_text()
+        with local_client() as client:
+            after = client.get(f"{server.url}/healthz").headers["X-Model-SHA256"]
+
+        with local_client() as client:
+            metrics = client.get(f"{server.url}/metrics").text
+        versions = [
+            sample.labels["model_sha256"]
+            for family in text_string_to_metric_families(metrics)
+            for sample in family.samples
+            if sample.name == "recommender_version_info"
+        ]
+        assert after != before
+        assert versions == [after]
+    finally:
+        _stop(server)

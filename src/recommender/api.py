@@ -21,6 +21,7 @@ from recommender.contract import (
     render,
 )
 from recommender.features import StoredFeaturesInvalid, StoreUnavailable
+from recommender.observability import METRICS_CONTENT_TYPE, ObserveRequests
 from recommender.service import Recommender, UnknownUser
 
 MAX_BODY_BYTES = 16_384
@@ -28,6 +29,9 @@ MAX_BODY_BYTES = 16_384
 # only an abusive or broken client meets them; its request is refused before routing.
 MAX_PATH_BYTES = 1024
 MAX_QUERY_BYTES = 2048
+# Every response names the model and the data it was computed from.
+MODEL_HEADER = "X-Model-SHA256"
+DATA_HEADER = "X-Data-SHA256"
 
 _RESPONSE_SCHEMA = {
     "type": "object",
@@ -171,11 +175,14 @@ def create_app(recommender: Recommender) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Connections belong to the worker process, so they are opened after the fork.
         await recommender.store.open()
+        version = recommender.metrics.version
+        version.labels(report.model_sha256, report.data_sha256).set(1)
         try:
             yield
         finally:
             await recommender.store.close()
 
+    report = recommender.report
     app = FastAPI(
         lifespan=lifespan,
         # An id ending in "/" is another id, never a redirect to a different user.
@@ -235,6 +242,11 @@ def create_app(recommender: Recommender) -> FastAPI:
         }
         return JSONResponse(body, status_code=code)
 
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics() -> Response:
+        """Prometheus metrics of every worker."""
+        return Response(recommender.metrics.exposition(), media_type=METRICS_CONTENT_TYPE)
+
     @app.exception_handler(ParameterError)
     async def parameter_error(request: Request, error: ParameterError) -> JSONResponse:
         return JSONResponse(
@@ -256,6 +268,12 @@ def create_app(recommender: Recommender) -> FastAPI:
         )
 
     app.add_middleware(RefuseOversized)
+    # Outermost, so that refused requests are counted and logged too.
+    app.add_middleware(
+        ObserveRequests,
+        metrics=recommender.metrics,
+        headers={MODEL_HEADER: report.model_sha256, DATA_HEADER: report.data_sha256},
+    )
     return app
 
 

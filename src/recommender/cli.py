@@ -2,6 +2,7 @@
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import shutil
@@ -18,7 +19,7 @@ from recommender.features.redis_cache import CachedStore
 from recommender.postgres.store import DatabaseUnreachable
 from recommender.ranking import Query, Ranking
 from recommender.service import Recommender, UnknownUser, limits_of, load_recommender
-from recommender.settings import Settings
+from recommender.settings import Settings, settings_table
 
 log = logging.getLogger("recommender")
 
@@ -54,7 +55,21 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument(
         "--force", action="store_true", help="overwrite the files of an existing directory"
     )
+    generate.add_argument(
+        "--no-model",
+        dest="model",
+        action="store_false",
+        help="write restaurant_embeddings.npy instead of model.pkl, for `data fit` to fit later",
+    )
     generate.set_defaults(run=_generate)
+    fit = data_commands.add_parser(
+        "fit", help="fit model.pkl on the restaurant embeddings written by generate --no-model"
+    )
+    fit.add_argument("--data-dir", type=Path, default=Path("data"), help="default: data")
+    fit.set_defaults(run=_fit)
+
+    config = commands.add_parser("config", help="print every setting as a markdown table")
+    config.set_defaults(run=_print_config)
 
     serve = commands.add_parser("serve", help="serve the HTTP API")
     _add_data_options(serve)
@@ -86,6 +101,9 @@ def _parser() -> argparse.ArgumentParser:
         help="postgresql://user:password@host:port/database "
         "(default: RECOMMENDER_DATABASE_URL, else RECOMMENDER_STORE)",
     )
+    load.add_argument(
+        "--receipt", type=Path, help="also write what was loaded, and where, to this JSON file"
+    )
     load.set_defaults(run=_load_database)
 
     bench = commands.add_parser("bench", help="replay request.parquet and measure")
@@ -96,15 +114,24 @@ def _parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--data-dir", type=Path, default=Path("data"), help="default: data")
     bench.add_argument("--requests", type=Path, help="default: <data-dir>/request.parquet")
-    bench.add_argument("--duration", type=float, default=30.0, help="seconds per run")
+    bench.add_argument(
+        "--duration", type=float, help="seconds per run (default: 30; the soak: 600)"
+    )
+    bench.add_argument(
+        "--soak-window",
+        type=float,
+        default=60.0,
+        help="seconds per window of the soak (default: 60)",
+    )
     bench.add_argument("--out", type=Path, default=Path("bench-results"))
     bench.add_argument("--store", help="also measure this PostgreSQL store")
     bench.add_argument("--cache", help="with --store: a Redis cache in front of it")
     bench.add_argument(
         "--scenario",
         action="append",
-        choices=["embedded", "embedded-exhaustive", "postgresql", "postgresql-redis"],
-        help="run only these scenarios (repeatable; default: all that apply)",
+        choices=["embedded", "embedded-exhaustive", "postgresql", "postgresql-redis", "soak"],
+        help="run only these scenarios (repeatable; default: all that apply except soak, "
+        "ten minutes at 500 requests/s, which runs only when named)",
     )
     bench.set_defaults(run=_bench)
 
@@ -150,6 +177,7 @@ def _generate(arguments: argparse.Namespace) -> int:
             n_features=arguments.features,
             n_requests=arguments.requests,
             seed=arguments.seed,
+            model=arguments.model,
             progress=log.info,
         )
     except ValueError as error:
@@ -159,10 +187,52 @@ def _generate(arguments: argparse.Namespace) -> int:
     return 0
 
 
+def _fit(arguments: argparse.Namespace) -> int:
+    from recommender.dataset.generate import fit_model
+
+    started = time.perf_counter()
+    try:
+        n_restaurants, n_features = fit_model(arguments.data_dir)
+    except ValueError as error:
+        log.error("%s", error)
+        return 2
+    log.info(
+        "fitted the model on %d restaurant embeddings of %d features into %s in %.1f s",
+        n_restaurants,
+        n_features,
+        arguments.data_dir,
+        time.perf_counter() - started,
+    )
+    return 0
+
+
+def _print_config(arguments: argparse.Namespace) -> int:
+    sys.stdout.write(settings_table(_setting_options(_parser())))
+    return 0
+
+
+def _setting_options(
+    parser: argparse.ArgumentParser, options: dict[str, list[str]] | None = None
+) -> dict[str, list[str]]:
+    """The options, of any subcommand, named after a setting: ``{"data_dir": ["--data-dir"]}``."""
+    options = {} if options is None else options
+    for action in parser._actions:  # argparse offers no public way to walk its subcommands
+        if isinstance(action, argparse._SubParsersAction):
+            for command in action.choices.values():
+                _setting_options(command, options)
+        elif action.dest in Settings.model_fields and action.option_strings:
+            flags = options.setdefault(action.dest, [])
+            if action.option_strings[-1] not in flags:
+                flags.append(action.option_strings[-1])
+    return options
+
+
 def _serve(arguments: argparse.Namespace) -> int:
+    from recommender.observability import configure_logging
     from recommender.server import serve
 
     settings = _settings(arguments)
+    configure_logging(settings.log_format, settings.log_level)
     _generate_default_data_if_missing(settings)
 
     def load() -> Recommender:
@@ -180,18 +250,26 @@ def _bench(arguments: argparse.Namespace) -> int:
     from recommender.bench.runner import BenchPlan, run
 
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    if arguments.url and "soak" in (arguments.scenario or ()):
+        log.error("the soak starts its own server to watch its workers; drop --url")
+        return 2
+    durations = {}
+    if arguments.duration is not None:
+        durations = {"seconds": arguments.duration, "soak_seconds": arguments.duration}
     plan = BenchPlan(
         data_dir=arguments.data_dir,
         requests_file=arguments.requests or arguments.data_dir / "request.parquet",
         out=arguments.out,
-        seconds=arguments.duration,
+        **durations,
+        soak_window_seconds=arguments.soak_window,
         url=arguments.url,
         store=arguments.store,
         cache=arguments.cache,
         only=tuple(arguments.scenario or ()),
     )
     results = run(plan, progress=log.info)
-    log.info("speed-up over the exhaustive ranker: %s", results["speedup_over_exhaustive"])
+    if results["speedup_over_exhaustive"] is not None:
+        log.info("speed-up over the exhaustive ranker: %s", results["speedup_over_exhaustive"])
     log.info("wrote %s", plan.out / "results.json")
     return 0
 
@@ -269,6 +347,7 @@ async def _recommend_once(recommender: Recommender, user_id: str, query: Query) 
 
 def _load_database(arguments: argparse.Namespace) -> int:
     from recommender.postgres.load import load_database
+    from recommender.postgres.schema import safe_url
 
     settings = _settings(arguments)
     if arguments.database_url is not None:
@@ -287,6 +366,16 @@ def _load_database(arguments: argparse.Namespace) -> int:
         summary.n_features,
         summary.seconds,
     )
+    if arguments.receipt is not None:
+        receipt = {
+            "database": safe_url(url),
+            "data_dir": str(settings.data_dir),
+            "n_users": summary.n_users,
+            "n_restaurants": summary.n_restaurants,
+            "n_features": summary.n_features,
+        }
+        arguments.receipt.parent.mkdir(parents=True, exist_ok=True)
+        arguments.receipt.write_text(json.dumps(receipt, indent=2) + "\n")
     return 0
 
 

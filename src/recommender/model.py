@@ -1,7 +1,6 @@
 """Loading the pre-trained ``NearestNeighbors`` model and the restaurant embeddings it holds."""
 
 import dataclasses
-import hashlib
 import pickle
 import re
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from recommender.dataset.reader import (
     MODEL_FILE,
     SKOPS_MODEL_FILE,
     DataError,
+    file_sha256,
     usable_rows,
 )
 
@@ -99,12 +99,6 @@ def load_model(path: Path, expected_sha256: str | None = None) -> TasteModel:
     estimator = _load_skops(path) if path.suffix == ".skops" else _unpickle(path)
     model = taste_model(estimator, source=str(path), sha256=digest)
     return dataclasses.replace(model, verified=pinned is not None or path.suffix == ".skops")
-
-
-def file_sha256(path: Path) -> str:
-    """The hex SHA-256 of a file's bytes."""
-    with path.open("rb") as file:
-        return hashlib.file_digest(file, "sha256").hexdigest()
 
 
 def _checksum_beside(path: Path) -> str | None:

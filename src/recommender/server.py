@@ -2,7 +2,10 @@
 
 import gc
 import logging
+import shutil
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from gunicorn.app.base import BaseApplication
@@ -10,6 +13,7 @@ from threadpoolctl import threadpool_limits
 
 from recommender.api import create_app
 from recommender.dataset.reader import DataError
+from recommender.observability import collect_in, logging_config, worker_exited
 from recommender.service import Recommender
 from recommender.settings import Settings
 
@@ -19,6 +23,10 @@ log = logging.getLogger("recommender")
 def _limit_blas_threads(server: Any, worker: Any) -> None:
     # Each worker is one busy process; BLAS threads of two workers on two cores would fight.
     threadpool_limits(limits=1)
+
+
+def _forget_worker(server: Any, worker: Any) -> None:
+    worker_exited(worker.pid)
 
 
 class Server(BaseApplication):
@@ -50,6 +58,8 @@ class Server(BaseApplication):
             "keepalive": 5,
             "loglevel": settings.log_level,
             "post_fork": _limit_blas_threads,
+            "child_exit": _forget_worker,
+            "logconfig_dict": logging_config(settings.log_format, settings.log_level),
             "control_socket_disable": True,
         }
         for key, value in options.items():
@@ -88,5 +98,12 @@ def _freeze() -> None:
 
 def serve(load: Callable[[], Recommender], settings: Settings) -> None:
     """Load with ``load`` and serve until stopped (SIGTERM or SIGINT); SIGHUP reloads."""
-    logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
-    Server(load, settings).run()
+    metrics_dir = settings.metrics_dir
+    if metrics_dir is None:
+        metrics_dir = Path(tempfile.mkdtemp(prefix="recommender-metrics-"))
+    collect_in(metrics_dir)
+    try:
+        Server(load, settings).run()
+    finally:
+        if settings.metrics_dir is None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)

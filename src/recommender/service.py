@@ -12,12 +12,15 @@ from recommender.dataset.reader import (
     DataError,
     Skipped,
     check_model_rows,
+    data_sha256,
+    file_sha256,
     read_restaurants,
 )
 from recommender.features import FeatureStore
 from recommender.features.embedded import EmbeddedStore
 from recommender.features.redis_cache import CachedStore
 from recommender.model import TasteModel, load_model, model_path
+from recommender.observability import Metrics
 from recommender.postgres.store import PostgresStore, read_database
 from recommender.ranking import Catalog, ExhaustiveRanker, FastRanker, Query, Ranking
 from recommender.settings import Settings
@@ -37,7 +40,9 @@ class LoadReport:
     metric: str = ""
     model_sha256: str = ""
     model_verified: bool = False
+    data_sha256: str = ""
     store: str = ""
+    cache: str = "none"
     ranker: str = ""
     prepared: bool = False
     seconds: float = 0.0
@@ -50,13 +55,14 @@ class LoadReport:
         return (
             f"loaded {self.n_restaurants} restaurants and {self.n_users} users "
             f"({self.n_features} features, metric {self.metric}, store {self.store}, "
-            f"ranker {self.ranker}; {prepared}; model sha256 {self.model_sha256[:12]} "
-            f"{check}) in {self.seconds:.2f} s"
+            f"cache {self.cache}, ranker {self.ranker}; {prepared}; model sha256 "
+            f"{self.model_sha256[:12]} {check}; data sha256 {self.data_sha256[:12]}) "
+            f"in {self.seconds:.2f} s"
         )
 
 
 class Recommender:
-    """Everything a worker needs to answer requests: the catalog, a ranker and a store."""
+    """Everything a worker needs to answer requests: the catalog, a ranker, a store, metrics."""
 
     def __init__(
         self,
@@ -65,12 +71,15 @@ class Recommender:
         ranker: FastRanker | ExhaustiveRanker,
         limits: Limits,
         report: LoadReport,
+        metrics: Metrics | None = None,
     ) -> None:
         self.catalog = catalog
         self.store = store
         self.ranker = ranker
         self.limits = limits
         self.report = report
+        self.metrics = metrics or Metrics()
+        self._store_latency = self.metrics.store_latency.labels(report.store or "unknown")
 
     async def recommend(self, user_id: str, query: Query) -> Ranking:
         """Rank the restaurants near ``query``'s point for ``user_id``.
@@ -80,10 +89,14 @@ class Recommender:
         UnknownUser
             If the store has no such user.
         """
+        started = time.perf_counter()
         features = await self.store.features(user_id)
+        self._store_latency.observe(time.perf_counter() - started)
         if features is None:
             raise UnknownUser(user_id)
-        return self.ranker.rank(features, query)
+        ranking = self.ranker.rank(features, query)
+        self.metrics.candidates.observe(ranking.n_candidates)
+        return ranking
 
 
 def limits_of(settings: Settings) -> Limits:
@@ -113,13 +126,12 @@ def load_recommender(
     if not settings.data_dir.is_dir():
         raise DataError(f"data directory {settings.data_dir} does not exist")
     model = load_model(model_path(settings.data_dir), settings.model_sha256)
+    metrics = Metrics()
     if settings.store == "embedded":
-        catalog, store, skipped, prepared = _load_embedded(settings, model, progress)
-        store_name = "embedded"
+        catalog, store, skipped, prepared, version = _load_embedded(settings, model, progress)
     else:
-        catalog, store = _load_postgres(settings, model)
+        catalog, store, version = _load_postgres(settings, model, metrics)
         skipped, prepared = [], False
-        store_name = "postgresql" + (" with redis cache" if settings.cache else "")
 
     ranker = ExhaustiveRanker(catalog) if settings.ranker == "exhaustive" else FastRanker(catalog)
     limits = limits_of(settings)
@@ -130,20 +142,23 @@ def load_recommender(
         metric=str(model.metric),
         model_sha256=model.sha256,
         model_verified=model.verified,
-        store=store_name,
+        data_sha256=version,
+        store="embedded" if settings.store == "embedded" else "postgresql",
+        cache="redis" if settings.cache else "none",
         ranker=settings.ranker,
         prepared=prepared,
         seconds=time.perf_counter() - started,
         skipped=skipped,
     )
-    return Recommender(catalog, store, ranker, limits, report)
+    return Recommender(catalog, store, ranker, limits, report, metrics)
 
 
 def _load_embedded(
     settings: Settings, model: TasteModel, progress: Callable[[str], None] | None
-) -> tuple[Catalog, FeatureStore, list[Skipped], bool]:
+) -> tuple[Catalog, FeatureStore, list[Skipped], bool, str]:
     data_dir = settings.data_dir
     check_model_rows(model.n_rows, data_dir / RESTAURANT_FILE)
+    restaurant_sha256 = file_sha256(data_dir / RESTAURANT_FILE)
     restaurants, skipped = read_restaurants(data_dir / RESTAURANT_FILE, model.n_rows)
     if len(restaurants) == 0:
         raise DataError(f"{data_dir / RESTAURANT_FILE}: no restaurant row can be served")
@@ -155,10 +170,13 @@ def _load_embedded(
     catalog = Catalog(
         restaurants.ids, restaurants.rows, restaurants.latitude, restaurants.longitude, model
     )
-    return catalog, EmbeddedStore(users), [*skipped, *users.skipped], prepared
+    version = data_sha256(restaurant_sha256, users.source_sha256)
+    return catalog, EmbeddedStore(users), [*skipped, *users.skipped], prepared, version
 
 
-def _load_postgres(settings: Settings, model: TasteModel) -> tuple[Catalog, FeatureStore]:
+def _load_postgres(
+    settings: Settings, model: TasteModel, metrics: Metrics
+) -> tuple[Catalog, FeatureStore, str]:
     # Limitation: restaurants are read once here; a later `db load` of other restaurants
     # reaches a running server only when it restarts.
     dataset, restaurants, cells = read_database(settings.store, settings.store_start_timeout)
@@ -186,13 +204,16 @@ def _load_postgres(settings: Settings, model: TasteModel) -> tuple[Catalog, Feat
         timeout=settings.store_timeout,
         pool_size=settings.store_pool_size,
     )
+    # A database loaded before data versions were recorded is known by its load id.
+    version = dataset["data_sha256"] or f"load-{dataset['load_id']}"
     if settings.cache is None:
-        return catalog, store
+        return catalog, store, version
     cached = CachedStore(
         store,
         settings.cache,
         load_id=dataset["load_id"],
         ttl=settings.cache_ttl,
         timeout=settings.cache_timeout,
+        lookups=metrics.cache_lookups,
     )
-    return catalog, cached
+    return catalog, cached, version

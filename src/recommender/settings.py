@@ -1,5 +1,7 @@
 """Every setting of the service: its name, its default and its environment variable."""
 
+import re
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Literal
 
@@ -25,13 +27,13 @@ class Settings(BaseSettings):
     )
     prepared_dir: Path | None = Field(
         None,
-        description="Where prepared user features are kept; default: <data_dir>/.prepared.",
+        description="Where prepared user features are kept; unset: `<data_dir>/.prepared`.",
     )
     model_sha256: str | None = Field(
         None,
         pattern=r"^[0-9a-fA-F]{64}$",
-        description="SHA-256 the model file must have; default: the <model file>.sha256 "
-        "beside it, if any.",
+        description="SHA-256 the model file must have; unset: the one in `<model file>.sha256` "
+        "beside it, if there is one.",
     )
     host: str = Field("127.0.0.1", description="Address the HTTP server binds to.")
     port: int = Field(8000, ge=0, le=65535, description="Port the HTTP server binds to.")
@@ -44,13 +46,13 @@ class Settings(BaseSettings):
     )
     store: str = Field(
         "embedded",
-        description="Where user features live: embedded (the data directory, no server) or "
-        "a PostgreSQL URL, postgresql://user:password@host:port/database.",
+        description="Where user features live: `embedded` (the data directory, no server) or "
+        "a PostgreSQL URL, `postgresql://user:password@host:port/database`.",
     )
     database_url: str | None = Field(
         None,
-        description="The PostgreSQL database `recommender db load` writes to, when --store "
-        "is not a URL: postgresql://user:password@host:port/database.",
+        description="The PostgreSQL database `recommender db load` writes to; unset: the "
+        "store's URL, when the store is one.",
     )
     store_timeout: float = Field(
         2.0, gt=0, description="Seconds a request waits for the store before answering 503."
@@ -63,8 +65,8 @@ class Settings(BaseSettings):
     )
     cache: str | None = Field(
         None,
-        description="Redis in front of a PostgreSQL store: redis://host:port/db, or "
-        "redis+cluster://host:port for a Redis Cluster. Unset: no cache.",
+        description="Redis in front of a PostgreSQL store: `redis://host:port/db`, "
+        "`rediss://` (TLS), or `redis+cluster://host:port` for a Redis Cluster; unset: no cache.",
     )
     cache_ttl: float = Field(
         3600.0, ge=0.001, description="Seconds a cached feature vector lives (at least 1 ms)."
@@ -92,7 +94,7 @@ class Settings(BaseSettings):
         description="Search radius in metres when max_dis is not given.",
     )
     log_level: Literal["debug", "info", "warning", "error", "critical"] = Field(
-        "info", description="Log level of the Gunicorn server."
+        "info", description="Level of the service's and Gunicorn's logs."
     )
     log_format: Literal["auto", "json", "text"] = Field(
         "auto",
@@ -154,3 +156,64 @@ class Settings(BaseSettings):
     def resolved_prepared_dir(self) -> Path:
         """The directory for prepared files, defaulting to ``<data_dir>/.prepared``."""
         return self.prepared_dir if self.prepared_dir is not None else self.data_dir / ".prepared"
+
+
+def settings_table(
+    options: Mapping[str, Iterable[str]] | None = None,
+    settings: type[BaseSettings] = Settings,
+) -> str:
+    """The settings as a markdown table: variable, command-line option, default and meaning.
+
+    One row per field of ``settings``, in declaration order; the default is the class's own,
+    whatever the environment says. This is the configuration table of the README.
+
+    Parameters
+    ----------
+    options : mapping of str to iterable of str, optional
+        Command-line options that set a field, by field name, such as
+        ``{"data_dir": ["--data-dir"]}``; fields without any get an empty cell.
+    settings : type, default=Settings
+        The pydantic-settings class to describe.
+
+    Raises
+    ------
+    ValueError
+        If a field has no description; the message names the field.
+    """
+    options = options or {}
+    prefix = settings.model_config.get("env_prefix", "")
+    rows = ["| variable | option | default | meaning |", "|---|---|---|---|"]
+    for name, field in settings.model_fields.items():
+        if not field.description:
+            raise ValueError(
+                f"setting {name!r} has no description; give its Field a description= to document it"
+            )
+        cells = (
+            f"`{(prefix + name).upper()}`",
+            ", ".join(f"`{option}`" for option in options.get(name, ())),
+            _markdown_default(field.get_default(call_default_factory=True)),
+            _markdown_text(field.description),
+        )
+        rows.append(f"| {' | '.join(cells)} |")
+    return "\n".join(rows) + "\n"
+
+
+def _markdown_default(value: object) -> str:
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return f"`{str(value).lower()}`"
+    if isinstance(value, float) and value.is_integer():
+        return f"`{int(value)}`"
+    return f"`{value}`"
+
+
+def _markdown_text(text: str) -> str:
+    """``text`` on one line, safe inside a table cell; code spans are kept as they are."""
+    pieces = re.split(r"(`[^`]*`)", " ".join(text.split()))
+    # Outside code spans a placeholder such as <model file> would be read as an HTML tag.
+    escaped = [
+        piece if piece.startswith("`") else piece.replace("<", "&lt;").replace(">", "&gt;")
+        for piece in pieces
+    ]
+    return "".join(escaped).replace("|", "\\|")

@@ -12,7 +12,7 @@ import pytest
 from sklearn.neighbors import NearestNeighbors
 
 import recommender.dataset.generate as generate_module
-from recommender.dataset.generate import generate
+from recommender.dataset.generate import EMBEDDINGS_FILE, fit_model, generate
 
 SMALL = {"n_users": 300, "n_restaurants": 200, "n_features": 16, "n_requests": 50}
 FILES = (
@@ -136,6 +136,53 @@ def test_model_is_euclidean_nearest_neighbors_fitted_on_every_restaurant(data_di
 
 def test_model_file_is_pickle_protocol_5(data_dir: Path) -> None:
     assert (data_dir / "model.pkl").read_bytes()[:2] == b"\x80\x05"
+
+
+def test_without_the_model_the_restaurant_embeddings_take_its_place(tmp_path: Path) -> None:
+    generate(tmp_path / "whole", **SMALL, seed=5)
+    generate(tmp_path / "apart", **SMALL, seed=5, model=False)
+
+    written = {path.name for path in (tmp_path / "apart").iterdir()}
+    assert written == set(FILES) - {"model.pkl", "model.pkl.sha256"} | {EMBEDDINGS_FILE}
+    for name in written - {EMBEDDINGS_FILE}:
+        assert (tmp_path / "apart" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
+    embeddings = np.load(tmp_path / "apart" / EMBEDDINGS_FILE)
+    assert embeddings.shape == (SMALL["n_restaurants"], SMALL["n_features"])
+    assert embeddings.dtype == np.float64
+
+
+def test_fitting_apart_writes_the_model_generate_writes_in_one_go(tmp_path: Path) -> None:
+    generate(tmp_path / "whole", **SMALL, seed=5)
+    generate(tmp_path / "apart", **SMALL, seed=5, model=False)
+
+    shape = fit_model(tmp_path / "apart")
+
+    assert shape == (SMALL["n_restaurants"], SMALL["n_features"])
+    for name in ("model.pkl", "model.pkl.sha256"):
+        assert (tmp_path / "apart" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("embeddings", "named"),
+    [
+        (None, "does not exist; write it with `recommender data generate --no-model`"),
+        (np.zeros(5), "shape (5,)"),
+        (np.zeros((0, 3)), "shape (0, 3)"),
+        (np.zeros((4, 3), dtype=np.int64), "int64 of shape (4, 3)"),
+        (np.array([[0.0, np.nan]]), "non-finite"),
+    ],
+)
+def test_fit_model_refuses_missing_or_unusable_embeddings_naming_the_file(
+    tmp_path: Path, embeddings: np.ndarray | None, named: str
+) -> None:
+    if embeddings is not None:
+        np.save(tmp_path / EMBEDDINGS_FILE, embeddings)
+
+    with pytest.raises(ValueError, match=re.escape(named)) as raised:
+        fit_model(tmp_path)
+
+    assert EMBEDDINGS_FILE in str(raised.value)
+    assert not (tmp_path / "model.pkl").exists()
 
 
 def test_user_restaurant_differences_are_in_the_tens_and_nearest_restaurants_vary(

@@ -10,6 +10,9 @@ Every random draw comes from one ``numpy.random.SeedSequence(seed)``, split into
 streams, so the same arguments always write byte-identical files. The streams also keep the parts
 apart: the restaurant table depends only on ``n_restaurants``, the model not on ``n_users`` or
 ``n_requests``, and the user features not on ``n_restaurants`` or ``n_requests``.
+
+Fitting the model can also be a step of its own: ``generate(..., model=False)`` writes the
+restaurant embeddings instead, and ``fit_model`` later fits the same model from them.
 """
 
 import hashlib
@@ -44,6 +47,9 @@ HOTSPOT_MARGIN_METRES = 8_000.0
 RESTAURANT_BACKGROUND_SHARE = 0.3
 REQUEST_BACKGROUND_SHARE = 0.1
 COORDINATE_DECIMALS = 6
+
+# Written instead of the model by ``generate(..., model=False)``, read by ``fit_model``.
+EMBEDDINGS_FILE = "restaurant_embeddings.npy"
 
 # 10,000 users x 1,000 float32 features is 40 MB per row group: memory stays bounded while the
 # row groups stay large enough to read quickly.
@@ -97,6 +103,7 @@ def generate(
     n_features: int = 1000,
     n_requests: int = 2000,
     seed: int = 0,
+    model: bool = True,
     progress: Callable[[str], None] | None = None,
 ) -> None:
     """Write a synthetic data directory in the reference layout.
@@ -116,6 +123,10 @@ def generate(
       ``longitude`` (float64, degrees), ``size`` (int64, 20 or 50), ``sort_dis`` (float64, 0.0,
       1.0 or NaN) and ``max_dis`` (float64, metres: 5000.0, 10000.0 or NaN).
 
+    With ``model=False``, ``restaurant_embeddings.npy`` (the embeddings the model would be
+    fitted on, float64 of shape (n_restaurants, n_features)) replaces ``model.pkl`` and
+    ``model.pkl.sha256``; ``fit_model`` then writes the model ``generate`` would have written.
+
     Parameters
     ----------
     out_dir : Path
@@ -130,6 +141,8 @@ def generate(
         Number of requests, at least 0; more than 0 needs at least one user.
     seed : int, default=0
         Seed of every random draw, at least 0. Same arguments give byte-identical files.
+    model : bool, default=True
+        Fit and write the model; if False, write the restaurant embeddings for ``fit_model``.
     progress : callable, optional
         Called with one short line of text as each part of the data is written.
 
@@ -153,13 +166,61 @@ def generate(
     report(f"restaurants {n_restaurants}/{n_restaurants}")
 
     embeddings_rng = np.random.default_rng(embeddings_seed)
-    _write_model(out_dir, _draw_restaurant_embeddings(embeddings_rng, tastes, n_restaurants))
-    report(f"model fitted on {n_restaurants} restaurant embeddings of {n_features} features")
+    embeddings = _draw_restaurant_embeddings(embeddings_rng, tastes, n_restaurants)
+    if model:
+        _write_model(out_dir, embeddings)
+        report(f"model fitted on {n_restaurants} restaurant embeddings of {n_features} features")
+    else:
+        np.save(out_dir / EMBEDDINGS_FILE, embeddings, allow_pickle=False)
+        report(f"restaurant embeddings {n_restaurants}x{n_features} written, model not fitted")
 
     _write_users(out_dir, users_seed, tastes, n_users, report)
 
     _write_requests(out_dir, np.random.default_rng(requests_seed), hotspots, n_users, n_requests)
     report(f"requests {n_requests}/{n_requests}")
+
+
+def fit_model(data_dir: Path) -> tuple[int, int]:
+    """Fit the model on ``data_dir``'s restaurant embeddings and write it beside them.
+
+    Reads ``restaurant_embeddings.npy`` as ``generate(..., model=False)`` wrote it and writes
+    ``model.pkl`` and ``model.pkl.sha256``, byte-identical to those ``generate`` writes with
+    the same arguments.
+
+    Parameters
+    ----------
+    data_dir : Path
+        Directory holding ``restaurant_embeddings.npy``.
+
+    Returns
+    -------
+    shape : tuple of int
+        ``(n_restaurants, n_features)`` of the embeddings the model was fitted on.
+
+    Raises
+    ------
+    ValueError
+        If the embeddings file is missing, unreadable, not a non-empty two-dimensional float
+        array, or holds a non-finite value; the message names the file.
+    """
+    path = Path(data_dir) / EMBEDDINGS_FILE
+    if not path.is_file():
+        raise ValueError(
+            f"{path} does not exist; write it with `recommender data generate --no-model`"
+        )
+    try:
+        embeddings = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{path} is not a NumPy array file: {error}") from error
+    if embeddings.ndim != 2 or embeddings.shape[0] < 1 or embeddings.dtype.kind != "f":
+        raise ValueError(
+            f"{path} holds {embeddings.dtype} of shape {embeddings.shape}; expected floats of "
+            "shape (n_restaurants, n_features) with at least one restaurant"
+        )
+    if not np.isfinite(embeddings).all():
+        raise ValueError(f"{path} holds a non-finite value; expected finite embeddings")
+    _write_model(Path(data_dir), embeddings)
+    return embeddings.shape
 
 
 def _ignore(message: str) -> None:

@@ -21,11 +21,12 @@ from recommender.dataset.reader import (
     Skipped,
     UserChecks,
     count_rows,
+    file_sha256,
     iter_valid_users,
     user_feature_dtype,
 )
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "users.json"
 
 
@@ -40,11 +41,14 @@ class PreparedUsers:
         Row ``i`` holds the features of ``ids[i]``.
     skipped : list of Skipped
         Rows of ``user.parquet`` that were left out, and why.
+    source_sha256 : str
+        SHA-256 of the ``user.parquet`` the features were prepared from.
     """
 
     ids: np.ndarray
     features: np.ndarray
     skipped: list[Skipped]
+    source_sha256: str
 
 
 def load_prepared_users(
@@ -119,6 +123,7 @@ def _prepare(
     prepared_dir.mkdir(parents=True, exist_ok=True)
     token = uuid.uuid4().hex[:12]
     features_name, ids_name = f"features-{token}.npy", f"ids-{token}.npy"
+    source_sha256 = file_sha256(source)
     n_rows = count_rows(source)
     dtype = user_feature_dtype(source, n_features)
 
@@ -143,6 +148,7 @@ def _prepare(
         "features": features_name,
         "ids": ids_name,
         "n_users": len(ids),
+        "source_sha256": source_sha256,
         "skipped": [vars(report) for report in skipped],
     }
     _write_atomically(prepared_dir / MANIFEST, json.dumps(manifest, indent=2))
@@ -155,7 +161,9 @@ def _open(prepared_dir: Path, manifest: dict) -> PreparedUsers:
     features = np.load(prepared_dir / manifest["features"], mmap_mode="r")[: manifest["n_users"]]
     ids = np.load(prepared_dir / manifest["ids"])
     skipped = [Skipped(**report) for report in manifest["skipped"]]
-    return PreparedUsers(ids=ids, features=features, skipped=skipped)
+    return PreparedUsers(
+        ids=ids, features=features, skipped=skipped, source_sha256=manifest["source_sha256"]
+    )
 
 
 def _write_atomically(path: Path, text: str) -> None:

@@ -1,5 +1,6 @@
 """Reading and validating the data directory: restaurants and user features."""
 
+import hashlib
 import math
 import re
 from collections.abc import Iterator
@@ -65,6 +66,21 @@ class RestaurantTable:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+
+def file_sha256(path: Path) -> str:
+    """The hex SHA-256 of a file's bytes."""
+    with path.open("rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
+
+
+def data_sha256(restaurant_sha256: str, user_sha256: str) -> str:
+    """The data version: one SHA-256 naming the restaurant and user files' contents.
+
+    The same files give the same version whichever store serves them.
+    """
+    named = f"{RESTAURANT_FILE} {restaurant_sha256}\n{USER_FILE} {user_sha256}\n"
+    return hashlib.sha256(named.encode()).hexdigest()
 
 
 def read_restaurants(path: Path, n_model_rows: int) -> tuple[RestaurantTable, list[Skipped]]:

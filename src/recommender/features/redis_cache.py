@@ -17,6 +17,7 @@ import redis
 import redis.asyncio as aioredis
 import redis.cluster
 import redis.exceptions
+from prometheus_client import Counter
 from redis.asyncio.cluster import RedisCluster
 
 from recommender.postgres.store import PostgresStore
@@ -76,10 +77,19 @@ class CachedStore:
         Seconds an entry lives.
     timeout : float
         Seconds a Redis call may take before the cache counts as failed.
+    lookups : prometheus_client.Counter, optional
+        Counts each lookup under the label ``hit``, ``miss`` or ``skipped`` (the cache is
+        failing and not asked).
     """
 
     def __init__(
-        self, store: PostgresStore, url: str, load_id: str, ttl: float, timeout: float
+        self,
+        store: PostgresStore,
+        url: str,
+        load_id: str,
+        ttl: float,
+        timeout: float,
+        lookups: Counter | None = None,
     ) -> None:
         self.store = store
         self.url = url
@@ -89,6 +99,7 @@ class CachedStore:
         self.n_users = store.n_users
         self.hits = 0
         self.misses = 0
+        self._lookups = lookups
         self._client: aioredis.Redis | RedisCluster | None = None
         self._failed_until = 0.0
         self._failure = ""
@@ -125,19 +136,26 @@ class CachedStore:
             If the value is not cached and the store cannot answer.
         """
         key = feature_key(self.load_id, user_id)
+        skipped = time.monotonic() < self._failed_until
         cached = await self._get(key)
         # Limitation: only the length is checked; a value of the right length written by
         # anyone else with access to this Redis would be served as the user's features.
         if cached is not None and len(cached) == self._value_length():
             self.hits += 1
+            self._count("hit")
             return self.store.decode(cached, user_id)
 
         self.misses += 1
+        self._count("skipped" if skipped else "miss")
         value = await self.store.feature_bytes(user_id)
         if value is None:
             return None
         await self._set(key, value)
         return self.store.decode(value, user_id)
+
+    def _count(self, result: str) -> None:
+        if self._lookups is not None:
+            self._lookups.labels(result).inc()
 
     def _value_length(self) -> int:
         return self.store.n_features * self.store.dtype.itemsize

@@ -27,6 +27,8 @@ from recommender.dataset.reader import (
     UserChecks,
     check_model_rows,
     count_rows,
+    data_sha256,
+    file_sha256,
     iter_valid_users,
     read_restaurants,
     user_feature_dtype,
@@ -83,6 +85,7 @@ def load_database(
     check_model_rows(model.n_rows, data_dir / RESTAURANT_FILE)
     restaurants, skipped = read_restaurants(data_dir / RESTAURANT_FILE, model.n_rows)
     users_file = data_dir / USER_FILE
+    version = data_sha256(file_sha256(data_dir / RESTAURANT_FILE), file_sha256(users_file))
     dtype = user_feature_dtype(users_file, model.n_features)
     n_rows = count_rows(users_file)
 
@@ -139,6 +142,7 @@ def load_database(
                     n_users=n_users,
                     n_restaurants=len(restaurants),
                     loaded_at=datetime.datetime.now(datetime.UTC).isoformat(),
+                    data_sha256=version,
                 )
             )
             _swap_into_place(connection, raw, staged, suffix)

@@ -46,7 +46,7 @@ def restaurants_table(name: str = RESTAURANTS, metadata: MetaData | None = None)
 
 
 def dataset_table(name: str = DATASET, metadata: MetaData | None = None) -> Table:
-    """One row describing the loaded data: which load, feature count and type, model rows."""
+    """One row describing the loaded data: which load and version, feature count and type."""
     return Table(
         name,
         metadata or MetaData(),
@@ -57,6 +57,8 @@ def dataset_table(name: str = DATASET, metadata: MetaData | None = None) -> Tabl
         Column("n_users", Integer, nullable=False),
         Column("n_restaurants", Integer, nullable=False),
         Column("loaded_at", Text, nullable=False),
+        # Empty in databases loaded before the data version was recorded.
+        Column("data_sha256", Text, nullable=True),
     )
 
 

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 import numpy as np
 import psycopg
 import psycopg_pool
-from sqlalchemy import bindparam, inspect, select
+from sqlalchemy import MetaData, Table, bindparam, inspect, select
 from sqlalchemy.dialects.postgresql.psycopg import dialect as psycopg_dialect
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import OperationalError
@@ -14,7 +14,7 @@ from sqlalchemy.exc import OperationalError
 from recommender.dataset.reader import DataError, RestaurantTable
 from recommender.features import StoredFeaturesInvalid, StoreUnavailable
 from recommender.postgres.schema import (
-    dataset_table,
+    DATASET,
     engine_for,
     libpq_url,
     restaurants_table,
@@ -176,7 +176,10 @@ def _read(connection: Connection) -> tuple[dict, RestaurantTable, np.ndarray]:
     names = set(inspect(connection).get_table_names())
     if not {"dataset", "restaurants", "users"} <= names:
         raise DataError("the database holds no loaded data; run `recommender db load` first")
-    dataset = connection.execute(select(dataset_table())).mappings().one()
+    # Every column there is: a database loaded by an older version lacks the newer ones.
+    described = Table(DATASET, MetaData(), autoload_with=connection)
+    dataset = dict(connection.execute(select(described)).mappings().one())
+    dataset.setdefault("data_sha256", None)
     restaurants = restaurants_table()
     rows = connection.execute(
         select(
