@@ -547,7 +547,7 @@ def test_a_long_bad_value_is_echoed_only_in_part(client: Client) -> None:
 @pytest.mark.parametrize(
     ("target", "part"),
     [
-        ("/recommend/" + "u" * 2000 + "?latitude=1&longitude=1", "path"),
+        ("/recommend/" + "u" * 5000 + "?latitude=1&longitude=1", "path"),
         ("/recommend/u1?latitude=1&longitude=1&pad=" + "x" * 3000, "query"),
         ("/healthz?" + "x" * 3000, "query"),
     ],
@@ -560,3 +560,22 @@ def test_an_oversized_path_or_query_is_refused_with_414_naming_it(
     assert response.status_code == 414
     assert response.json()["parameter"] == part
     assert "at most" in response.json()["detail"]
+
+
+@pytest.mark.parametrize("method", ["DELETE", "PUT", "PATCH"])
+def test_a_method_not_allowed_names_every_allowed_method(client: Client, method: str) -> None:
+    response = client.request(method, f"/recommend/{USER}?{POINT}")
+
+    assert response.status_code == 405
+    assert {name.strip() for name in response.headers["Allow"].split(",")} >= {"GET", "POST"}
+
+
+def test_the_longest_user_id_of_multibyte_characters_is_looked_up_not_refused(
+    client: Client,
+) -> None:
+    user_id = "\N{GRINNING FACE}" * 256
+
+    response = client.get(f"/recommend/{quote(user_id)}?{POINT}")
+
+    assert response.status_code == 404
+    assert response.json()["user_id"] == user_id

@@ -7,7 +7,9 @@ from collections.abc import AsyncIterator
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
+from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from recommender.contract import (
@@ -25,9 +27,10 @@ from recommender.observability import METRICS_CONTENT_TYPE, ObserveRequests
 from recommender.service import Recommender, UnknownUser
 
 MAX_BODY_BYTES = 16_384
-# Far above any valid request (a user id of at most 256 characters, five short numbers), so
-# only an abusive or broken client meets them; its request is refused before routing.
-MAX_PATH_BYTES = 1024
+# Far above any valid request (a user id of at most 256 characters, each at most 12 bytes when
+# percent-encoded; five short numbers), so only an abusive or broken client meets them; its
+# request is refused before routing.
+MAX_PATH_BYTES = 4096
 MAX_QUERY_BYTES = 2048
 # Every response names the model and the data it was computed from.
 MODEL_HEADER = "X-Model-SHA256"
@@ -67,11 +70,15 @@ _RESPONSES = {
             "application/json": {
                 "schema": {
                     "type": "object",
-                    "required": ["detail", "user_id"],
+                    "required": ["detail"],
                     "properties": {"detail": {"type": "string"}, "user_id": {"type": "string"}},
                 }
             }
         },
+    },
+    414: {
+        "description": "The path or the query string is too long.",
+        "content": {"application/json": {"schema": _ERROR_SCHEMA}},
     },
     422: {
         "description": "A parameter with a value that is not allowed.",
@@ -82,35 +89,43 @@ _RESPONSES = {
         "content": {"application/json": {"schema": _ERROR_SCHEMA}},
     },
 }
-_BODY_DOC = {
-    "requestBody": {
-        "required": False,
-        "content": {
-            "application/json": {
-                "schema": {
-                    "type": "object",
-                    "properties": {
-                        "latitude": {"type": "number", "minimum": -90, "maximum": 90},
-                        "longitude": {"type": "number", "minimum": -180, "maximum": 180},
-                        "size": {"type": "integer", "minimum": 1, "maximum": 1000},
-                        "max_dis": {"type": "number", "exclusiveMinimum": 0},
-                        "sort_dis": {"type": "integer", "enum": [0, 1]},
-                    },
-                }
-            }
-        },
-    }
+
+
+_READINESS_UNAVAILABLE = {
+    "description": "Not ready: the store is unavailable.",
+    "content": {"application/json": {"schema": {"type": "object", "required": ["status"]}}},
 }
 
 
+def _body_doc(limits: Limits) -> dict:
+    """The POST body for the OpenAPI document; null, like an absent key, means "not given"."""
+
+    def optional(schema: dict) -> dict:
+        return {**schema, "type": [schema["type"], "null"]}
+
+    properties = {
+        "latitude": {"type": "number", "minimum": -90, "maximum": 90},
+        "longitude": {"type": "number", "minimum": -180, "maximum": 180},
+        "size": {"type": "integer", "minimum": 1, "maximum": limits.max_size},
+        "max_dis": {"type": "number", "exclusiveMinimum": 0},
+        "sort_dis": {"type": "integer", "enum": [0, 1, None]},
+    }
+    schema = {"type": "object", "properties": {k: optional(v) for k, v in properties.items()}}
+    return {"requestBody": {"required": False, "content": {"application/json": {"schema": schema}}}}
+
+
 def _parameter(name: str, location: str, description: str, schema: dict, required: bool) -> dict:
-    return {
+    parameter = {
         "name": name,
         "in": location,
         "required": required,
         "description": description,
         "schema": schema,
     }
+    if location == "query" and not required:
+        # An empty value means "not given", as an absent one does.
+        parameter["allowEmptyValue"] = True
+    return parameter
 
 
 def _parameters_doc(coordinates_required: bool, limits: Limits) -> dict:
@@ -206,10 +221,17 @@ def create_app(recommender: Recommender) -> FastAPI:
     @app.post(
         "/recommend/{user_id}",
         responses=_RESPONSES,
-        openapi_extra={**_parameters_doc(False, recommender.limits), **_BODY_DOC},
+        openapi_extra={
+            **_parameters_doc(False, recommender.limits),
+            **_body_doc(recommender.limits),
+        },
     )
     async def recommend_post(request: Request) -> Response:
-        """As GET, taking parameters from the query string or a JSON object body."""
+        """As GET, taking parameters from the query string or a JSON object body.
+
+        Each parameter may come from either place but not from both; latitude and longitude
+        are required from one of them.
+        """
         user_id = request.path_params["user_id"]
         body = await _body_parameters(request)
         query = _query_parameters(request)
@@ -219,12 +241,12 @@ def create_app(recommender: Recommender) -> FastAPI:
         given_in_body = {name: value for name, value in body.items() if is_given(value)}
         return await _answer(recommender, user_id, {**query, **given_in_body})
 
-    @app.get("/healthz")
+    @app.get("/healthz", responses={414: _RESPONSES[414]})
     async def healthz() -> dict:
         """The process is alive."""
         return {"status": "ok"}
 
-    @app.get("/readyz")
+    @app.get("/readyz", responses={414: _RESPONSES[414], 503: _READINESS_UNAVAILABLE})
     async def readyz() -> JSONResponse:
         """Ready to answer: data loaded and the store reachable; a failed cache only degrades."""
         parts = await recommender.store.status()
@@ -246,6 +268,16 @@ def create_app(recommender: Recommender) -> FastAPI:
     async def metrics() -> Response:
         """Prometheus metrics of every worker."""
         return Response(recommender.metrics.exposition(), media_type=METRICS_CONTENT_TYPE)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException) -> Response:
+        headers = dict(error.headers or {})
+        if error.status_code == 405:
+            # Starlette names only the methods of the first route matching the path.
+            headers["Allow"] = ", ".join(_allowed_methods(app, request.scope))
+        return JSONResponse(
+            {"detail": error.detail}, status_code=error.status_code, headers=headers
+        )
 
     @app.exception_handler(ParameterError)
     async def parameter_error(request: Request, error: ParameterError) -> JSONResponse:
@@ -275,6 +307,14 @@ def create_app(recommender: Recommender) -> FastAPI:
         headers={MODEL_HEADER: report.model_sha256, DATA_HEADER: report.data_sha256},
     )
     return app
+
+
+def _allowed_methods(app: FastAPI, scope: Scope) -> list[str]:
+    methods = set()
+    for route in app.router.routes:
+        if isinstance(route, Route) and route.methods and route.matches(scope)[0] != Match.NONE:
+            methods |= route.methods
+    return sorted(methods)
 
 
 class RefuseOversized:

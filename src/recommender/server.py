@@ -1,15 +1,21 @@
 """Gunicorn with Uvicorn workers, the data loaded once in the master and shared by fork."""
 
+import asyncio
 import gc
 import logging
 import shutil
+import socket
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import uvicorn
 from gunicorn.app.base import BaseApplication
+from gunicorn.arbiter import Arbiter
 from threadpoolctl import threadpool_limits
+from uvicorn.workers import UvicornWorker
 
 from recommender.api import create_app
 from recommender.dataset.reader import DataError
@@ -27,6 +33,49 @@ def _limit_blas_threads(server: Any, worker: Any) -> None:
 
 def _forget_worker(server: Any, worker: Any) -> None:
     worker_exited(worker.pid)
+
+
+# How long a stopping worker waits for connections it has accepted to send their request.
+_ACCEPTED_REQUEST_WAIT = 1.0
+
+
+class _DrainingServer(uvicorn.Server):
+    """Uvicorn, except that a stopping worker first reads the requests it has accepted.
+
+    Uvicorn closes every connection without a request in progress when it stops, including
+    one it accepted a moment ago whose request is still in the socket buffer: that client
+    would see its connection reset. Here the worker stops accepting, gives such connections a
+    bounded moment to deliver their request, and then shuts down as Uvicorn does, finishing
+    every request it has read.
+    """
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        for server in self.servers:
+            server.close()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + _ACCEPTED_REQUEST_WAIT
+        # A few turns of the loop read whatever has already arrived.
+        for _ in range(3):
+            await asyncio.sleep(0)
+        while loop.time() < deadline and any(
+            getattr(connection, "cycle", None) is None
+            for connection in self.server_state.connections
+        ):
+            await asyncio.sleep(0.01)
+        await super().shutdown(sockets)
+
+
+class Worker(UvicornWorker):
+    """Gunicorn's Uvicorn worker, stopping through ``_DrainingServer``."""
+
+    async def _serve(self) -> None:
+        # Mirrors UvicornWorker._serve, with the draining server in place of uvicorn.Server.
+        self.config.app = self.wsgi
+        server = _DrainingServer(config=self.config)
+        self._install_sigquit_handler()
+        await server.serve(sockets=self.sockets)
+        if not server.started:
+            sys.exit(Arbiter.WORKER_BOOT_ERROR)
 
 
 class Server(BaseApplication):
@@ -51,7 +100,7 @@ class Server(BaseApplication):
         options = {
             "bind": f"{settings.host}:{settings.port}",
             "workers": settings.workers,
-            "worker_class": "uvicorn.workers.UvicornWorker",
+            "worker_class": Worker,
             "preload_app": True,
             "timeout": settings.worker_timeout,
             "graceful_timeout": settings.graceful_timeout,
