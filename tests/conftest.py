@@ -3,14 +3,10 @@
 import asyncio
 import contextlib
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,9 +17,12 @@ import pyarrow.parquet as pq
 import pytest
 import redis
 from fastapi import FastAPI
-from psycopg import sql
 from sqlalchemy.engine import make_url
 
+# Helpers the fault drills share with the tests; the tests import them from here.
+from recommender.bench.proxy import TcpProxy
+from recommender.bench.proxy import through_proxy as through_proxy
+from recommender.bench.services import RedisProcess, RedisServerMissing, free_port, private_schema
 from recommender.contract import parse_query, render
 from recommender.dataset.generate import generate
 from recommender.postgres.load import load_database
@@ -88,91 +87,8 @@ def postgres_server() -> str:
 @pytest.fixture
 def database_url(postgres_server: str) -> Iterator[str]:
     """A URL whose connections work in a fresh schema of their own, dropped afterwards."""
-    schema = f"test_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(postgres_server, autocommit=True) as connection:
-        connection.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
-    yield with_search_path(postgres_server, schema)
-    with psycopg.connect(postgres_server, autocommit=True) as connection:
-        connection.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))
-
-
-def with_search_path(url: str, schema: str) -> str:
-    """``url`` with its connections' search_path set to ``schema``."""
-    return (
-        make_url(url)
-        .update_query_dict({"options": f"-csearch_path={schema}"})
-        .render_as_string(hide_password=False)
-    )
-
-
-class TcpProxy:
-    """Forwards a loopback port to a real server, and can cut the line to inject faults.
-
-    ``cut()`` drops every open connection and refuses new ones, as a server that went away
-    would; ``restore()`` accepts connections again on the same port.
-    """
-
-    def __init__(self, target_host: str, target_port: int) -> None:
-        self.target = (target_host, target_port)
-        self.port = 0
-        self._listener: socket.socket | None = None
-        self._connections: list[socket.socket] = []
-        self._lock = threading.Lock()
-        self.restore()
-
-    def restore(self) -> None:
-        """Accept and forward connections (again)."""
-        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(("127.0.0.1", self.port))
-        listener.listen(64)
-        self.port = listener.getsockname()[1]
-        self._listener = listener
-        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
-
-    def cut(self) -> None:
-        """Drop every forwarded connection and stop accepting new ones."""
-        listener, self._listener = self._listener, None
-        if listener is not None:
-            # shutdown() wakes the thread blocked in accept(); close() alone would not.
-            with contextlib.suppress(OSError):
-                listener.shutdown(socket.SHUT_RDWR)
-            listener.close()
-        with self._lock:
-            connections, self._connections = self._connections, []
-        for connection in connections:
-            with contextlib.suppress(OSError):
-                connection.shutdown(socket.SHUT_RDWR)
-            connection.close()
-
-    def _accept(self, listener: socket.socket) -> None:
-        while True:
-            try:
-                client, _ = listener.accept()
-            except OSError:
-                return
-            try:
-                server = socket.create_connection(self.target, timeout=5)
-            except OSError:
-                client.close()
-                continue
-            server.settimeout(None)
-            with self._lock:
-                self._connections += [client, server]
-            for source, sink in ((client, server), (server, client)):
-                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
-
-    @staticmethod
-    def _pump(source: socket.socket, sink: socket.socket) -> None:
-        try:
-            while data := source.recv(65536):
-                sink.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for end in (source, sink):
-                with contextlib.suppress(OSError):
-                    end.shutdown(socket.SHUT_RDWR)
+    with private_schema(postgres_server, "test") as url:
+        yield url
 
 
 @pytest.fixture
@@ -182,13 +98,6 @@ def postgres_proxy(postgres_server: str) -> Iterator[TcpProxy]:
     proxy = TcpProxy(url.host or "127.0.0.1", url.port or 5432)
     yield proxy
     proxy.cut()
-
-
-def through_proxy(url: str, proxy: TcpProxy) -> str:
-    """``url`` rewritten to connect through ``proxy``."""
-    return (
-        make_url(url).set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
-    )
 
 
 REDIS_URL = os.environ.get("RECOMMENDER_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -206,70 +115,18 @@ def redis_server() -> str:
     return REDIS_URL
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-class RedisProcess:
-    """A redis-server of the test's own on a loopback port, which the test may kill and restart."""
-
-    def __init__(self, directory: Path, port: int | None = None, *options: str) -> None:
-        self.directory = directory
-        self.port = port or free_port()
-        self.options = options
-        self.process: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> "RedisProcess":
-        """Start the server and wait (bounded) until it answers."""
-        binary = shutil.which("redis-server")
-        if binary is None:
-            service_missing("redis-server", "the binary is not on PATH")
-        self.directory.mkdir(parents=True, exist_ok=True)
-        command = [
-            binary,
-            "--bind",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(self.directory),
-            *self.options,
-        ]
-        self.process = subprocess.Popen(
-            command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and self.process.poll() is None:
-            with contextlib.suppress(redis.RedisError):
-                redis.Redis(port=self.port, socket_connect_timeout=0.5).ping()
-                return self
-            time.sleep(0.05)
-        self.kill()
-        raise RuntimeError(f"redis-server on port {self.port} did not start")
-
-    def kill(self) -> None:
-        """Stop the server at once, as a crash would (SIGKILL)."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(timeout=10)
-        self.process = None
+def start_redis(server: RedisProcess) -> RedisProcess:
+    """``server``, started; without a redis-server binary the test skips (fails in CI)."""
+    try:
+        return server.start()
+    except RedisServerMissing as error:
+        service_missing("redis-server", str(error))
 
 
 @pytest.fixture
 def redis_process(tmp_path: Path) -> Iterator[RedisProcess]:
     """A private redis-server, started; stopped after the test."""
-    server = RedisProcess(tmp_path / "redis").start()
+    server = start_redis(RedisProcess(tmp_path / "redis"))
     yield server
     server.kill()
 
@@ -295,7 +152,7 @@ def redis_cluster(tmp_path: Path) -> Iterator[str]:
     ]
     try:
         for node in nodes:
-            node.start()
+            start_redis(node)
         addresses = [f"127.0.0.1:{node.port}" for node in nodes]
         subprocess.run(
             ["redis-cli", "--cluster", "create", *addresses, "--cluster-yes"],

@@ -1,4 +1,5 @@
-"""Faults under load: a worker killed, the master stopped, the data replaced or reloaded.
+"""Faults under load: a worker killed, the master stopped, the data replaced or reloaded, the
+line to PostgreSQL cut, the Redis cache killed.
 
 Each fixture below runs one drill of ``recommender.bench.faults`` against a server of its own
 (two workers; six clients on keep-alive connections and two opening a connection per request,
@@ -14,16 +15,23 @@ from pathlib import Path
 import pytest
 from conftest import (
     SMALL,
+    RedisProcess,
     Server,
+    TcpProxy,
     answer_all,
+    start_redis,
     start_server,
     stop_server,
+    through_proxy,
     wait_until_healthy,
 )
+from sqlalchemy.engine import make_url
 
 from recommender.bench import faults
 from recommender.bench.load import request_paths
+from recommender.bench.services import private_schema
 from recommender.dataset.generate import generate
+from recommender.postgres.load import load_database
 from recommender.service import Recommender, load_recommender
 from recommender.settings import Settings
 
@@ -71,13 +79,14 @@ def _copy(data_dir: Path, target: Path) -> Path:
 
 
 @contextmanager
-def _serving(data_dir: Path, directory: Path, **settings: str) -> Iterator[Server]:
+def _serving(data_dir: Path, directory: Path, *options: str, **settings: str) -> Iterator[Server]:
     directory.mkdir(parents=True, exist_ok=True)
     server = start_server(
         data_dir,
         directory,
         "--workers",
         str(WORKERS),
+        *options,
         graceful_timeout=str(GRACEFUL_TIMEOUT),
         **settings,
     )
@@ -435,3 +444,156 @@ def test_a_failed_reload_is_logged_as_an_error_naming_the_broken_file(
     errors = [line for line in log.splitlines() if "error" in line.lower()]
 
     assert any(broken_file in line for line in errors), log
+
+
+# The line to PostgreSQL cut -------------------------------------------------------------------
+
+# Seconds the served store waits for PostgreSQL per request before answering 503.
+STORE_TIMEOUT = 1
+CUT_SECONDS = 2.0
+STORE_REQUESTS = 1000
+
+
+@pytest.fixture(scope="module")
+def store_url(postgres_server: str, data_dir: Path) -> Iterator[str]:
+    """The small data loaded into a schema of this module's own, dropped afterwards."""
+    with private_schema(postgres_server, "test") as url:
+        load_database(data_dir, url)
+        yield url
+
+
+@pytest.fixture(scope="module")
+def store_cut(
+    store_url: str,
+    data_dir: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    paths: list[str],
+    expected: list[bytes],
+) -> faults.FaultRecord:
+    """The line to PostgreSQL cut for two seconds in the middle of about 1,000 requests."""
+    target = make_url(store_url)
+    proxy = TcpProxy(target.host or "127.0.0.1", target.port or 5432)
+    options = ["--store", through_proxy(store_url, proxy)]
+    try:
+        directory = tmp_path_factory.mktemp("cut")
+        with _serving(data_dir, directory, *options, store_timeout=str(STORE_TIMEOUT)) as server:
+            return faults.cut_store(
+                server.url,
+                server.process.pid,
+                proxy,
+                paths,
+                expected,
+                cut_seconds=CUT_SECONDS,
+                clients=KEEP_ALIVE_CLIENTS,
+                fresh_clients=FRESH_CLIENTS,
+                requests=STORE_REQUESTS,
+                timeout=LIVENESS_TIMEOUT,
+            )
+    finally:
+        proxy.cut()
+
+
+def test_requests_get_503_with_retry_after_while_postgres_is_cut(
+    store_cut: faults.FaultRecord,
+) -> None:
+    assert store_cut.details["outcomes_sent_while_cut"].get(faults.UNAVAILABLE, 0) > 0, store_cut
+
+
+def test_a_cut_to_postgres_costs_only_503s_never_another_status_a_wrong_answer_or_a_connection(
+    store_cut: faults.FaultRecord,
+) -> None:
+    assert set(store_cut.outcomes) <= {"expected", faults.UNAVAILABLE}, store_cut
+
+
+def test_requests_are_answered_again_once_postgres_comes_back(
+    store_cut: faults.FaultRecord,
+) -> None:
+    assert store_cut.recovery_seconds is not None, store_cut
+
+
+def test_once_recovered_from_the_cut_every_request_gets_its_answer(
+    store_cut: faults.FaultRecord,
+) -> None:
+    # The drill sends at least half its requests after a run of right answers past the restore;
+    # a failure among them would leave fewer than that after the last failure.
+    answered = store_cut.details["requests_sent_after_the_last_failure"]
+
+    assert answered >= STORE_REQUESTS // 2, store_cut
+
+
+def test_readyz_says_unavailable_while_postgres_is_cut_and_ready_after(
+    store_cut: faults.FaultRecord,
+) -> None:
+    details = store_cut.details
+
+    assert details["readiness_while_cut"] == (503, "unavailable"), store_cut
+    assert details["readiness_after"] == (200, "ready"), store_cut
+
+
+def test_a_cut_to_postgres_under_load_costs_no_worker(store_cut: faults.FaultRecord) -> None:
+    details = store_cut.details
+
+    assert details["workers_after"] == details["workers_before"], store_cut
+
+
+# The Redis cache killed -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cache_killed(
+    store_url: str,
+    data_dir: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    paths: list[str],
+    expected: list[bytes],
+) -> faults.FaultRecord:
+    """A private redis-server in front of PostgreSQL, SIGKILLed in the middle of about 1,000
+    requests and started again on the same port."""
+    root = tmp_path_factory.mktemp("cache")
+    cache = start_redis(RedisProcess(root / "redis"))
+    try:
+        with _serving(data_dir, root, "--store", store_url, "--cache", cache.url) as server:
+            return faults.kill_cache(
+                server.url,
+                server.process.pid,
+                cache,
+                paths,
+                expected,
+                clients=KEEP_ALIVE_CLIENTS,
+                fresh_clients=FRESH_CLIENTS,
+                requests=1000,
+                timeout=LIVENESS_TIMEOUT,
+            )
+    finally:
+        cache.kill()
+
+
+def test_every_request_gets_its_answer_while_redis_is_killed_and_restarted(
+    cache_killed: faults.FaultRecord,
+) -> None:
+    assert cache_killed.outcomes == {"expected": cache_killed.requests_sent}, cache_killed
+
+
+def test_requests_while_redis_is_down_are_answered_from_postgres(
+    cache_killed: faults.FaultRecord,
+) -> None:
+    details = cache_killed.details
+
+    assert set(details["outcomes_sent_while_down"]) == {"expected"}, cache_killed
+    assert details["cache_lookups_while_down"].get("skipped", 0) > 0, cache_killed
+
+
+def test_every_worker_reports_degraded_while_redis_is_down(
+    cache_killed: faults.FaultRecord,
+) -> None:
+    degraded_after = cache_killed.details["every_worker_degraded_after_seconds"]
+
+    assert degraded_after is not None, cache_killed
+
+
+def test_every_worker_reports_ready_once_redis_is_back(cache_killed: faults.FaultRecord) -> None:
+    assert cache_killed.recovery_seconds is not None, cache_killed
+
+
+def test_the_cache_serves_hits_again_once_redis_is_back(cache_killed: faults.FaultRecord) -> None:
+    assert cache_killed.details["cache_lookups_after_recovery"].get("hit", 0) > 0, cache_killed

@@ -8,6 +8,11 @@ differently when a worker stops: a keep-alive connection may be closed while the
 request is on its way (HTTP/1.1 allows it, and a client may resend an idempotent request when
 that happens), while a request on a new connection has no such excuse.
 
+Two drills break a service behind the server rather than the server: the line to PostgreSQL
+(the store), cut at a TCP proxy, and the Redis cache, killed. Both run on services of the
+drill's own (a schema of its own, a redis-server of its own on a free port), never stopping a
+server that others share.
+
 The drills find Gunicorn's workers as the master's child processes and follow connections
 through ``/proc`` (``/proc/net/tcp`` and each process's open files), so they run on Linux only,
 against a server on 127.0.0.1.
@@ -38,18 +43,27 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
+import psycopg
 import pyarrow.parquet as pq
+from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy.engine import make_url
 
 from recommender.bench.load import request_paths
+from recommender.bench.proxy import TcpProxy, through_proxy
 from recommender.bench.server import ServerProcess
+from recommender.bench.services import RedisProcess, free_port, private_schema
 from recommender.contract import parse_query, render
 from recommender.dataset.generate import generate
 from recommender.dataset.reader import MODEL_FILE, RESTAURANT_FILE, USER_FILE, count_rows
+from recommender.postgres.load import load_database
+from recommender.postgres.schema import libpq_url, safe_url
 from recommender.service import load_recommender
 from recommender.settings import Settings
 
 # Outcomes that are not an answer.
 WRONG_ANSWER = "wrong answer"
+# The service saying it cannot answer now, and when to ask again: how a store outage shows.
+UNAVAILABLE = "status 503 with Retry-After"
 REFUSED = "connection refused"
 DROPPED = "keep-alive connection dropped"
 LOST = "connection lost"
@@ -131,10 +145,10 @@ class Load:
     ``clients`` keep their connection alive between requests; ``fresh_clients`` open a new
     connection per request. The ``i``-th request overall asks for ``paths[i % len(paths)]``;
     its outcome is the name of the first entry of ``answers`` whose ``i``-th answer (modulo
-    its length) equals the body of a 200 response, else ``WRONG_ANSWER``, ``"status NNN"``,
-    ``REFUSED``, ``DROPPED`` (a kept-alive connection closed or reset before the answer),
-    ``LOST`` (the same on a new connection) or ``TIMED_OUT``. With ``stop_on_refusal`` a client
-    stops at its first refused connection.
+    its length) equals the body of a 200 response, else ``WRONG_ANSWER``, ``UNAVAILABLE`` (a
+    503 with Retry-After), ``"status NNN"``, ``REFUSED``, ``DROPPED`` (a kept-alive connection
+    closed or reset before the answer), ``LOST`` (the same on a new connection) or
+    ``TIMED_OUT``. With ``stop_on_refusal`` a client stops at its first refused connection.
     """
 
     def __init__(
@@ -268,6 +282,8 @@ class Load:
             with self._changed:
                 self.errors[f"{type(error).__name__}: {error}"] += 1
             return LOST if connected else DROPPED
+        if response.status_code == 503 and "Retry-After" in response.headers:
+            return UNAVAILABLE
         return label_answer(response.status_code, response.content, index, self.answers)
 
 
@@ -514,18 +530,29 @@ def _new_worker_answers(
     new = current - before
     if len(current) != workers or not new:
         return False
+    try:
+        status, body, worker = answer_and_worker(url, paths[0], new)
+    except (OSError, http.client.HTTPException):
+        return False
+    return worker is not None and status == 200 and body == expected[0]
+
+
+def answer_and_worker(url: str, path: str, pids: set[int]) -> tuple[int, bytes, int | None]:
+    """GET ``path`` on a new connection: the status, the body, and which of ``pids`` answered
+    (None if none of them did).
+
+    Raises ``OSError`` or ``http.client.HTTPException`` if the request gets no answer.
+    """
     host, port = _address(url)
     connection = http.client.HTTPConnection(host, port, timeout=REQUEST_TIMEOUT)
     try:
-        connection.request("GET", paths[0])
+        connection.request("GET", path)
         response = connection.getresponse()
         body = response.read()
         # The connection is kept alive, so the worker that answered still holds it.
         end = server_end(port, connection.sock.getsockname()[1])
-        by_new = end is not None and any(end.inode in socket_inodes(pid) for pid in new)
-        return by_new and response.status == 200 and body == expected[0]
-    except (OSError, http.client.HTTPException):
-        return False
+        holders = [] if end is None else [pid for pid in pids if end.inode in socket_inodes(pid)]
+        return response.status, body, holders[0] if holders else None
     finally:
         connection.close()
 
@@ -787,23 +814,221 @@ def reload_broken_data(
     )
 
 
+# The services behind the server ---------------------------------------------------------------
+
+
+def readiness(url: str) -> tuple[int, str]:
+    """``/readyz``'s status code and the ``status`` it names (``ready``, ``degraded``, ...)."""
+    # trust_env=False: no proxy from the environment may see this traffic.
+    response = httpx.get(f"{url}/readyz", timeout=REQUEST_TIMEOUT, trust_env=False)
+    try:
+        return response.status_code, str(response.json().get("status"))
+    except (ValueError, AttributeError):
+        return response.status_code, "not a JSON object"
+
+
+def every_worker_reports(url: str, master_pid: int, status: str, timeout: float) -> float | None:
+    """Ask ``/readyz`` on new connections until each worker has answered ``status``.
+
+    ``/readyz`` tells the state of the worker that answers it only, so one answer says nothing
+    about the others. Returns when the last worker did (``time.monotonic()``), or None if they
+    had not within ``timeout`` seconds.
+    """
+    workers = worker_pids(master_pid)
+    reported: set[int] = set()
+
+    def all_reported() -> bool:
+        try:
+            _, body, worker = answer_and_worker(url, "/readyz", workers)
+            if worker is not None and json.loads(body).get("status") == status:
+                reported.add(worker)
+        except (OSError, http.client.HTTPException, ValueError, AttributeError):
+            pass
+        return reported == workers
+
+    return _within(all_reported, timeout)
+
+
+def cache_lookups(url: str) -> Counter:
+    """Cache lookups so far, added up over the server's workers, by result (``hit``, ``miss``,
+    ``skipped`` while the cache is failing)."""
+    # trust_env=False: no proxy from the environment may see this traffic.
+    text = httpx.get(f"{url}/metrics", timeout=REQUEST_TIMEOUT, trust_env=False).text
+    counts: Counter = Counter()
+    for family in text_string_to_metric_families(text):
+        if family.name == "recommender_cache_lookups":
+            for sample in family.samples:
+                if sample.name.endswith("_total"):
+                    counts[sample.labels["result"]] += int(sample.value)
+    return counts
+
+
+def sent_after_the_last_failure(
+    outcomes: Sequence[Outcome], accepted: Sequence[str]
+) -> list[Outcome] | None:
+    """The outcomes of the requests sent after the last one whose outcome is not ``accepted``
+    (all of them accepted, then); None if no request failed."""
+    failed = [outcome.sent_at for outcome in outcomes if outcome.label not in accepted]
+    if not failed:
+        return None
+    return [outcome for outcome in outcomes if outcome.sent_at > max(failed)]
+
+
+def cut_store(
+    url: str,
+    master_pid: int,
+    proxy: TcpProxy,
+    paths: Sequence[str],
+    expected: Sequence[bytes],
+    *,
+    cut_seconds: float = 3.0,
+    clients: int = 6,
+    fresh_clients: int = 2,
+    requests: int = 1000,
+    timeout: float = LIVENESS_TIMEOUT,
+) -> FaultRecord:
+    """Cut the server's line to PostgreSQL at ``proxy`` for ``cut_seconds``, under load.
+
+    The cut drops every connection to PostgreSQL and refuses new ones; it lasts at least until
+    a request has been answered ``UNAVAILABLE``. Failures are every request without its right
+    answer, all of which should be ``UNAVAILABLE``: no other status, no wrong answer, no lost
+    connection. Recovery: from the restore until the first answer to the requests sent after
+    the last failure. About half of ``requests`` are sent before the cut, and at least half
+    after a run of ``len(paths)`` right answers following the restore.
+    """
+    load = Load(url, paths, {"expected": expected}, clients, fresh_clients, limit=requests * 50)
+    with load:
+        load.wait_for(requests // 2, timeout)
+        before = worker_pids(master_pid)
+        cut_at = time.monotonic()
+        proxy.cut()
+        readiness_while_cut = readiness(url)
+        time.sleep(max(0.0, cut_at + cut_seconds - time.monotonic()))
+        _within(lambda: load.counts(since=cut_at)[UNAVAILABLE] > 0, timeout)
+        proxy.restore()
+        restored_at = time.monotonic()
+        with contextlib.suppress(TimeoutError):
+            load.wait_for_run("expected", len(paths), timeout)
+        load.wait_for_more(requests // 2, timeout)
+        readiness_after = readiness(url)
+
+    counts = load.counts()
+    # Recovered for good: from the first answer to the requests that all got their answer.
+    recovered = sent_after_the_last_failure(load.outcomes, ["expected"])
+    recovered_at = min((outcome.finished_at for outcome in recovered or []), default=None)
+    if recovered is None:
+        recovered_when = "no request failed"
+    elif recovered_at is None:
+        recovered_when = "never: the last request sent failed"
+    else:
+        recovered_when = "every request answered again"
+    return FaultRecord(
+        fault=f"PostgreSQL connections cut for {restored_at - cut_at:.1f} s",
+        requests_sent=load.sent,
+        failures=failures_of(counts, ["expected"]),
+        recovery_seconds=None if recovered_at is None else max(0.0, recovered_at - restored_at),
+        recovered_when=recovered_when,
+        outcomes=dict(counts),
+        details={
+            "cut_seconds": restored_at - cut_at,
+            "outcomes_sent_before_cut": dict(load.counts(until=cut_at)),
+            "outcomes_sent_while_cut": dict(load.counts(since=cut_at, until=restored_at)),
+            "outcomes_sent_after_restore": dict(load.counts(since=restored_at)),
+            "requests_sent_after_the_last_failure": len(recovered or []),
+            "readiness_while_cut": readiness_while_cut,
+            "readiness_after": readiness_after,
+            "workers_before": sorted(before),
+            "workers_after": sorted(worker_pids(master_pid)),
+            "connection_errors": dict(load.errors),
+        },
+    )
+
+
+def kill_cache(
+    url: str,
+    master_pid: int,
+    cache: RedisProcess,
+    paths: Sequence[str],
+    expected: Sequence[bytes],
+    *,
+    clients: int = 6,
+    fresh_clients: int = 2,
+    requests: int = 1000,
+    timeout: float = LIVENESS_TIMEOUT,
+) -> FaultRecord:
+    """SIGKILL the server's Redis cache (``cache``) under load, then start it on the same port.
+
+    Every answer must stay the right one: while Redis is down the service reads PostgreSQL.
+    Every worker's ``/readyz`` should say ``degraded`` while Redis is down and ``ready`` after.
+    Recovery: from the restart until every worker says ``ready``. About a third of ``requests``
+    is sent before the kill, a third while Redis is down, a third after the recovery.
+    """
+    load = Load(url, paths, {"expected": expected}, clients, fresh_clients, limit=requests * 50)
+    with load:
+        load.wait_for(requests // 3, timeout)
+        lookups_before = cache_lookups(url)
+        killed_at = time.monotonic()
+        cache.kill()
+        degraded_at = every_worker_reports(url, master_pid, "degraded", timeout)
+        load.wait_for_more(requests // 3, timeout)
+        lookups_down = cache_lookups(url)
+        cache.start()
+        restarted_at = time.monotonic()
+        ready_at = every_worker_reports(url, master_pid, "ready", timeout)
+        lookups_restarted = cache_lookups(url)
+        load.wait_for_more(requests // 3, timeout)
+        lookups_after = cache_lookups(url)
+
+    counts = load.counts()
+    return FaultRecord(
+        fault="Redis cache killed (SIGKILL), then restarted",
+        requests_sent=load.sent,
+        failures=failures_of(counts, ["expected"]),
+        recovery_seconds=None if ready_at is None else ready_at - restarted_at,
+        recovered_when=(
+            "every worker's /readyz ready"
+            if ready_at is not None
+            else f"not every worker's /readyz ready within {timeout:g} s"
+        ),
+        outcomes=dict(counts),
+        details={
+            "every_worker_degraded_after_seconds": (
+                None if degraded_at is None else degraded_at - killed_at
+            ),
+            "every_worker_ready": ready_at is not None,
+            "down_seconds": restarted_at - killed_at,
+            "outcomes_sent_while_down": dict(load.counts(since=killed_at, until=restarted_at)),
+            "cache_lookups_while_down": dict(lookups_down - lookups_before),
+            "cache_lookups_after_recovery": dict(lookups_after - lookups_restarted),
+            "connection_errors": dict(load.errors),
+        },
+    )
+
+
 # The command ---------------------------------------------------------------------------------
 
 # Another seed than the data directory's (which is most likely 0 or a small number).
 REPLACEMENT_SEED = 7_919
+DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/test"
 
 
 @dataclass
 class DrillPlan:
-    """What ``run_drills`` runs, on which data, at which load."""
+    """What ``run_drills`` runs, on which data, at which load.
+
+    With a ``database_url`` the PostgreSQL and Redis drills run too, on a schema of their own
+    in that database (created and dropped by ``run_drills``) and a redis-server of their own.
+    """
 
     data_dir: Path
     work_dir: Path
     replacement_dir: Path | None = None
+    database_url: str | None = None
     workers: int = 2
     clients: int = 6
     fresh_clients: int = 2
     requests: int = 1000
+    cut_seconds: float = 3.0
     timeout: float = LIVENESS_TIMEOUT
 
 
@@ -811,8 +1036,7 @@ def run_drills(plan: DrillPlan, progress: Callable[[str], None]) -> list[FaultRe
     """Run every drill against a server of its own, each on a copy of ``plan.data_dir``."""
     paths = request_paths(plan.data_dir / "request.parquet")
     replacement, old, new = _two_data_sets(plan, progress)
-    load = {"clients": plan.clients, "fresh_clients": plan.fresh_clients}
-    load |= {"requests": plan.requests, "timeout": plan.timeout}
+    load = _load_options(plan)
     graceful_timeout = Settings().graceful_timeout
     records = []
     with _serving(plan, "kill") as (server, _):
@@ -861,6 +1085,68 @@ def run_drills(plan: DrillPlan, progress: Callable[[str], None]) -> list[FaultRe
                     server.url, server.process.pid, served, breakage, paths, old, **load
                 )
             )
+    if plan.database_url is not None:
+        records += _service_drills(plan, plan.database_url, paths, old, progress)
+    return records
+
+
+def _load_options(plan: DrillPlan) -> dict:
+    """The keyword arguments every drill takes for its load."""
+    return {
+        "clients": plan.clients,
+        "fresh_clients": plan.fresh_clients,
+        "requests": plan.requests,
+        "timeout": plan.timeout,
+    }
+
+
+def _service_drills(
+    plan: DrillPlan,
+    database_url: str,
+    paths: Sequence[str],
+    expected: Sequence[bytes],
+    progress: Callable[[str], None],
+) -> list[FaultRecord]:
+    """The PostgreSQL and Redis drills, on a schema of their own in ``database_url``'s database.
+
+    PostgreSQL answers byte for byte as the embedded store does, so ``expected`` holds.
+    """
+    load = _load_options(plan)
+    records = []
+    with private_schema(database_url, "drill") as store:
+        progress(f"loading {plan.data_dir} into a schema of its own in {safe_url(database_url)}")
+        load_database(plan.data_dir, store)
+
+        target = make_url(database_url)
+        proxy = TcpProxy(target.host or "127.0.0.1", target.port or 5432)
+        try:
+            options = ["--store", through_proxy(store, proxy)]
+            with _serving(plan, "postgres", options=options) as (server, _):
+                progress("drill: PostgreSQL connections cut")
+                records.append(
+                    cut_store(
+                        server.url,
+                        server.process.pid,
+                        proxy,
+                        paths,
+                        expected,
+                        cut_seconds=plan.cut_seconds,
+                        **load,
+                    )
+                )
+        finally:
+            proxy.cut()
+
+        cache = RedisProcess(plan.work_dir / "redis").start()
+        try:
+            options = ["--store", store, "--cache", cache.url]
+            with _serving(plan, "redis", options=options) as (server, _):
+                progress("drill: Redis cache killed")
+                records.append(
+                    kill_cache(server.url, server.process.pid, cache, paths, expected, **load)
+                )
+        finally:
+            cache.kill()
     return records
 
 
@@ -916,14 +1202,15 @@ def _generate_like(data_dir: Path, out_dir: Path) -> None:
 
 @contextlib.contextmanager
 def _serving(
-    plan: DrillPlan, name: str, data_dir: Path | None = None
+    plan: DrillPlan, name: str, data_dir: Path | None = None, options: Sequence[str] = ()
 ) -> Iterator[tuple[ServerProcess, Path]]:
-    """A server on ``data_dir``, or on a fresh copy of the plan's data directory."""
+    """A server on ``data_dir``, or on a fresh copy of the plan's data directory; ``options``
+    go to ``recommender serve``."""
     if data_dir is None:
         data_dir = plan.work_dir / name / "data"
         shutil.copytree(plan.data_dir, data_dir, ignore=shutil.ignore_patterns(".prepared"))
-    options = ["--data-dir", str(data_dir), "--workers", str(plan.workers)]
-    server = ServerProcess(_free_port(), options, plan.work_dir / f"server-{name}.log")
+    options = ["--data-dir", str(data_dir), "--workers", str(plan.workers), *options]
+    server = ServerProcess(free_port(), options, plan.work_dir / f"server-{name}.log")
     with server:
         wait_until(
             lambda: len(worker_pids(server.process.pid)) == plan.workers,
@@ -939,12 +1226,6 @@ def _serving(
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(server.process.pid, signal.SIGKILL)
                 server.process = None
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -967,23 +1248,57 @@ def main(argv: list[str] | None = None) -> int:
         "--fresh-clients", type=int, default=2, help="clients opening a connection per request"
     )
     parser.add_argument("--requests", type=int, default=1000, help="about; default: 1000")
+    parser.add_argument(
+        "--database-url",
+        default=DEFAULT_DATABASE_URL,
+        help="PostgreSQL database for the PostgreSQL and Redis drills, which work in a schema of "
+        f"their own there and drop it afterwards (default: {DEFAULT_DATABASE_URL})",
+    )
+    parser.add_argument(
+        "--cut-seconds",
+        type=float,
+        default=3.0,
+        help="how long the line to PostgreSQL stays cut (at least; default: 3)",
+    )
+    parser.add_argument(
+        "--skip-services",
+        action="store_true",
+        help="skip the drills that need PostgreSQL and redis-server",
+    )
     arguments = parser.parse_args(argv)
+    database_url = None if arguments.skip_services else arguments.database_url
+    if database_url is not None and (missing := _missing_services(database_url)):
+        parser.error(f"{missing}; pass --skip-services to run the other drills only")
 
     with tempfile.TemporaryDirectory(prefix="recommender-faults-") as work_dir:
         plan = DrillPlan(
             data_dir=arguments.data_dir,
             work_dir=Path(work_dir),
             replacement_dir=arguments.replacement_dir,
+            database_url=database_url,
             workers=arguments.workers,
             clients=arguments.clients,
             fresh_clients=arguments.fresh_clients,
             requests=arguments.requests,
+            cut_seconds=arguments.cut_seconds,
         )
         records = run_drills(plan, progress=lambda message: print(message, file=sys.stderr))
     arguments.out.parent.mkdir(parents=True, exist_ok=True)
     arguments.out.write_text(json.dumps([asdict(record) for record in records], indent=2))
     print(markdown_table(records))
     return 0
+
+
+def _missing_services(database_url: str) -> str | None:
+    """Why the PostgreSQL and Redis drills cannot run, or None if they can."""
+    if shutil.which("redis-server") is None:
+        return "the redis-server binary is not on PATH"
+    try:
+        with psycopg.connect(libpq_url(database_url), connect_timeout=3):
+            pass
+    except psycopg.Error as error:
+        return f"PostgreSQL at {safe_url(database_url)} did not answer: {error}"
+    return None
 
 
 if __name__ == "__main__":
