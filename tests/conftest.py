@@ -303,3 +303,16 @@ def stop_server(server: Server, timeout: float = 30.0) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(server.process.pid, signal.SIGKILL)
         server.process.wait()
+
+
+@contextlib.contextmanager
+def running_server(
+    data_dir: Path, tmp_path: Path, *options: str, **settings: str
+) -> Iterator[Server]:
+    """A server from ``start_server``, healthy when yielded; stopped afterwards, however left."""
+    server = start_server(data_dir, tmp_path, *options, **settings)
+    try:
+        wait_until_healthy(server)
+        yield server
+    finally:
+        stop_server(server)

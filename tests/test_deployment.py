@@ -12,7 +12,6 @@ import os
 import re
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -23,7 +22,7 @@ from urllib.parse import urlsplit
 
 import pytest
 import yaml
-from conftest import Server, free_port, service_missing, start_server
+from conftest import Server, free_port, service_missing, start_server, stop_server
 
 from recommender import cli
 from recommender.settings import Settings
@@ -37,7 +36,6 @@ SETTING_VARIABLES = {f"RECOMMENDER_{name.upper()}" for name in Settings.model_fi
 # Bounds on waiting, not expectations of speed.
 COMPOSE_TIMEOUT = 60.0
 READY_TIMEOUT = 30.0
-STOP_TIMEOUT = 30.0
 
 
 def _docker_compose(*arguments: str, env_file: Path) -> subprocess.CompletedProcess:
@@ -329,17 +327,12 @@ def test_build_context_keeps_what_the_image_copies_and_leaves_out_the_bulk() -> 
 
 @pytest.fixture(scope="module")
 def server(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """A server over the small data, for health checks to ask."""
+    """A server over the small data, for health checks to ask; started, not waited for."""
     running = start_server(data_dir, tmp_path_factory.mktemp("server"), "--workers", "1")
     try:
         yield running
     finally:
-        running.process.terminate()
-        try:
-            running.process.wait(timeout=STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            os.killpg(running.process.pid, signal.SIGKILL)
-            running.process.wait()
+        stop_server(running)
 
 
 def _health_check(argv: list[str], port: int) -> subprocess.CompletedProcess:

@@ -23,26 +23,21 @@ fixture (``schemathesis.pytest.from_fixture``) fails under pytest 9.
 import contextlib
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote, urlsplit
 
-import httpx
 import pytest
-from conftest import Server, local_client, start_server
+from conftest import Server, local_client, running_server
 
 EXAMPLES = int(os.environ.get("RECOMMENDER_FUZZ_EXAMPLES", "150"))
 SEED = int(os.environ.get("RECOMMENDER_FUZZ_SEED", "20240611"))
 SCHEMATHESIS = Path(sys.executable).with_name("schemathesis")
 # Bounds on waiting, not expectations of speed: a healthy run needs a small part of them.
-START_TIMEOUT = 30.0
-STOP_TIMEOUT = 30.0
 RUN_TIMEOUT = 120.0 + EXAMPLES
 ANSWER_TIMEOUT = 30.0
 
@@ -103,33 +98,11 @@ checks.positive_data_acceptance.expected-statuses = [200, 404, 422]
 """
 
 
-def _wait_until_healthy(server: Server) -> None:
-    deadline = time.monotonic() + START_TIMEOUT
-    with local_client() as client:
-        while time.monotonic() < deadline:
-            if server.process.poll() is not None:
-                pytest.fail(f"server exited with {server.process.returncode}:\n{server.log_text()}")
-            with contextlib.suppress(httpx.TransportError):
-                if client.get(f"{server.url}/healthz").status_code == 200:
-                    return
-            time.sleep(0.1)
-    pytest.fail(f"server did not answer /healthz within {START_TIMEOUT} s:\n{server.log_text()}")
-
-
 @pytest.fixture(scope="module")
 def server(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """A production-shaped server (two workers) shared by this module's tests."""
-    running = start_server(data_dir, tmp_path_factory.mktemp("fuzz"), "--workers", "2")
-    try:
-        _wait_until_healthy(running)
+    with running_server(data_dir, tmp_path_factory.mktemp("fuzz"), "--workers", "2") as running:
         yield running
-    finally:
-        running.process.terminate()
-        try:
-            running.process.wait(timeout=STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            os.killpg(running.process.pid, signal.SIGKILL)
-            running.process.wait()
 
 
 def _run_schemathesis(server: Server, config: Path, reports: Path) -> subprocess.CompletedProcess:

@@ -7,7 +7,6 @@ the PostgreSQL server that other tests share.
 
 import asyncio
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -27,7 +26,7 @@ from conftest import (
     answer_all,
     free_port,
     local_client,
-    start_server,
+    running_server,
     through_proxy,
 )
 
@@ -46,7 +45,6 @@ N_FEATURES = SMALL["n_features"]
 WORKERS = 2
 # Bounds on waiting, not expectations of speed: a healthy server needs a small part of them.
 START_TIMEOUT = 30.0
-STOP_TIMEOUT = 30.0
 CLIENT_TIMEOUT = 10.0
 RECOVERY_TIMEOUT = 30.0
 # Seconds the served store waits for PostgreSQL per request before answering 503.
@@ -194,45 +192,6 @@ def test_the_store_answers_again_once_postgres_comes_back(
 # The server.
 
 
-def _start(data_dir: Path, store: str, tmp_path: Path) -> Server:
-    return start_server(
-        data_dir,
-        tmp_path,
-        "--store",
-        store,
-        "--workers",
-        str(WORKERS),
-        store_timeout=str(STORE_TIMEOUT),
-        store_start_timeout="10",
-    )
-
-
-def _wait_until_healthy(server: Server) -> None:
-    deadline = time.monotonic() + START_TIMEOUT
-    with local_client(CLIENT_TIMEOUT) as client:
-        while time.monotonic() < deadline:
-            if server.process.poll() is not None:
-                pytest.fail(f"server exited with {server.process.returncode}:\n{server.log_text()}")
-            try:
-                if client.get(f"{server.url}/healthz").status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-    pytest.fail(f"server did not answer /healthz within {START_TIMEOUT} s:\n{server.log_text()}")
-
-
-def _stop(server: Server) -> None:
-    if server.process.poll() is not None:
-        return
-    server.process.terminate()
-    try:
-        server.process.wait(timeout=STOP_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(server.process.pid, signal.SIGKILL)
-        server.process.wait()
-
-
 def _worker_pids(server: Server) -> set[int]:
     """The processes whose parent is the server's master, read from /proc."""
     children = set()
@@ -260,13 +219,18 @@ def proxied_server(
     loaded_url: str, data_dir: Path, postgres_proxy: TcpProxy, tmp_path: Path
 ) -> Iterator[Server]:
     """A server reading user features through the cuttable proxy."""
-    running = _start(data_dir, through_proxy(loaded_url, postgres_proxy), tmp_path)
-    try:
-        _wait_until_healthy(running)
+    with running_server(
+        data_dir,
+        tmp_path,
+        "--store",
+        through_proxy(loaded_url, postgres_proxy),
+        "--workers",
+        str(WORKERS),
+        store_timeout=str(STORE_TIMEOUT),
+        store_start_timeout="10",
+    ) as running:
         _wait_for_workers(running)
         yield running
-    finally:
-        _stop(running)
 
 
 def _ask(server: Server, request: dict) -> int | str:

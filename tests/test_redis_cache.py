@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 import pytest
 import redis
 import redis.cluster
-from conftest import SMALL, RedisProcess, answer_all, free_port
+from conftest import SMALL, RedisProcess, answer_all, free_port, local_client, running_server
 from pydantic import ValidationError
 from sqlalchemy.engine import make_url
 
@@ -54,8 +54,6 @@ SHORT_TTL = 0.3
 CLIENT_TIMEOUT = 10.0
 EXPIRY_TIMEOUT = 10.0
 RECOVERY_TIMEOUT = 30.0
-START_TIMEOUT = 30.0
-STOP_TIMEOUT = 30.0
 COMMAND_TIMEOUT = 60.0
 # Requests answered before, during and after an outage: enough to cross each change.
 STREAM_STEP = 40
@@ -446,50 +444,6 @@ def test_cache_warm_command_exits_non_zero_when_the_cache_is_unreachable(
 # Serving with a cache that is down.
 
 
-def _start_server(
-    data_dir: Path, url: str, cache: str, tmp_path: Path
-) -> tuple[subprocess.Popen, str, Path]:
-    port = free_port()
-    log = tmp_path / "server.log"
-    command = ["serve", "--data-dir", str(data_dir), "--store", url, "--cache", cache]
-    with log.open("wb") as output:
-        process = subprocess.Popen(
-            [str(RECOMMENDER), *command, "--port", str(port), "--workers", "1"],
-            env=_environment(store_start_timeout="10"),
-            cwd=tmp_path,
-            stdout=output,
-            stderr=subprocess.STDOUT,
-            # Its own process group, so teardown can end the worker along with the master.
-            start_new_session=True,
-        )
-    return process, f"http://127.0.0.1:{port}", log
-
-
-def _stop_server(process: subprocess.Popen) -> None:
-    if process.poll() is not None:
-        return
-    process.terminate()
-    try:
-        process.wait(timeout=STOP_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-
-
-def _wait_until_healthy(process: subprocess.Popen, url: str, log: Path) -> None:
-    deadline = time.monotonic() + START_TIMEOUT
-    # trust_env=False: no proxy from the environment may see this traffic.
-    with httpx.Client(trust_env=False, timeout=CLIENT_TIMEOUT) as client:
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                pytest.fail(f"server exited with {process.returncode}:\n{log.read_text()}")
-            with contextlib.suppress(httpx.TransportError):
-                if client.get(f"{url}/healthz").status_code == 200:
-                    return
-            time.sleep(0.1)
-    pytest.fail(f"server did not answer /healthz within {START_TIMEOUT} s:\n{log.read_text()}")
-
-
 def _as_client_sends(row: dict) -> dict[str, str]:
     return {name: str(row[name]) for name in PARAMETERS}
 
@@ -498,18 +452,16 @@ def test_serve_with_an_unreachable_cache_starts_answers_and_warns(
     loaded_url: str, data_dir: Path, tmp_path: Path, requests: list[dict]
 ) -> None:
     dead = f"redis://127.0.0.1:{free_port()}/0"
-    process, url, log = _start_server(data_dir, loaded_url, dead, tmp_path)
-    try:
-        _wait_until_healthy(process, url, log)
-        with httpx.Client(trust_env=False, timeout=CLIENT_TIMEOUT) as client:
+    options = ("--store", loaded_url, "--cache", dead, "--workers", "1")
+    with running_server(data_dir, tmp_path, *options, store_start_timeout="10") as server:
+        with local_client(CLIENT_TIMEOUT) as client:
             row = requests[0]
-            response = client.get(f"{url}/recommend/{row['user_id']}", params=_as_client_sends(row))
-    finally:
-        _stop_server(process)
+            url = f"{server.url}/recommend/{row['user_id']}"
+            response = client.get(url, params=_as_client_sends(row))
 
     assert response.status_code == 200
     # Not on a terminal, the server logs JSON lines.
-    lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+    lines = [json.loads(line) for line in server.log_text().splitlines() if line.startswith("{")]
     assert any(
         line["level"] == "warning" and line["message"].startswith("cache warm-up failed")
         for line in lines

@@ -2,7 +2,6 @@
 
 import asyncio
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -12,9 +11,8 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import httpx
 import pytest
-from conftest import SMALL, Server, local_client, start_server
+from conftest import SMALL, Server, local_client, running_server
 from prometheus_client.parser import text_string_to_metric_families
 
 from recommender.contract import render
@@ -25,60 +23,23 @@ from recommender.service import Recommender
 RECOMMENDER = Path(sys.executable).with_name("recommender")
 WORKERS = 2
 # Bounds on waiting, not expectations of speed: a healthy server needs a small part of them.
-START_TIMEOUT = 30.0
 STOP_TIMEOUT = 30.0
-
-
-def _wait_until_healthy(server: Server) -> None:
-    deadline = time.monotonic() + START_TIMEOUT
-    with local_client() as client:
-        while time.monotonic() < deadline:
-            if server.process.poll() is not None:
-                pytest.fail(f"server exited with {server.process.returncode}:\n{server.log_text()}")
-            try:
-                if client.get(f"{server.url}/healthz").status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-    pytest.fail(f"server did not answer /healthz within {START_TIMEOUT} s:\n{server.log_text()}")
-
-
-def _start(data_dir: Path, tmp_path: Path) -> Server:
-    return start_server(data_dir, tmp_path, "--workers", str(WORKERS))
-
-
-def _stop(server: Server) -> None:
-    if server.process.poll() is not None:
-        return
-    server.process.terminate()
-    try:
-        server.process.wait(timeout=STOP_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(server.process.pid, signal.SIGKILL)
-        server.process.wait()
 
 
 @pytest.fixture
 def own_server(data_dir: Path, tmp_path: Path) -> Iterator[Server]:
     """A server for one test alone, which may stop it."""
-    running = _start(data_dir, tmp_path)
-    try:
-        _wait_until_healthy(running)
+    with running_server(data_dir, tmp_path, "--workers", str(WORKERS)) as running:
         yield running
-    finally:
-        _stop(running)
 
 
 @pytest.fixture(scope="module")
 def server(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """One server shared by the tests that leave it running."""
-    running = _start(data_dir, tmp_path_factory.mktemp("server"))
-    try:
-        _wait_until_healthy(running)
+    with running_server(
+        data_dir, tmp_path_factory.mktemp("server"), "--workers", str(WORKERS)
+    ) as running:
         yield running
-    finally:
-        _stop(running)
 
 
 def _worker_pids(server: Server) -> set[int]:
@@ -254,9 +215,7 @@ def test_after_a_reload_the_version_metric_names_only_the_new_model(
 ) -> None:
     served = tmp_path / "served"
     shutil.copytree(data_dir, served)
-    server = start_server(served, tmp_path, "--workers", str(WORKERS))
-    try:
-        _wait_until_healthy(server)
+    with running_server(served, tmp_path, "--workers", str(WORKERS)) as server:
         with local_client() as client:
             before = client.get(f"{server.url}/healthz").headers["X-Model-SHA256"]
         old_workers = _worker_pids(server)
@@ -277,5 +236,3 @@ def test_after_a_reload_the_version_metric_names_only_the_new_model(
         ]
         assert after != before
         assert versions == [after]
-    finally:
-        _stop(server)
