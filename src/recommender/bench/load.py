@@ -96,17 +96,62 @@ def run_wrk(url: str, paths_file: Path, connections: int, seconds: float) -> Loa
     )
 
 
+@dataclass
+class OpenLoopTrace:
+    """Every request of one open-loop run, in schedule order.
+
+    ``scheduled_s`` is each request's intended send time in seconds after the first;
+    ``send_lag_ms`` how much later the client actually began it (its own delay, not the
+    server's); ``latency_ms`` the time from the intended send to the whole response, so a
+    stalled server or client shows as latency; ``status`` the HTTP status, -1 for a transport
+    error or timeout. Arrays of shape (n_requests,).
+    """
+
+    rate: float
+    seconds: float
+    scheduled_s: np.ndarray
+    send_lag_ms: np.ndarray
+    latency_ms: np.ndarray
+    status: np.ndarray
+
+
 def run_open_loop(url: str, paths: list[str], rate: float, seconds: float) -> LoadResult:
     """Requests sent on a fixed schedule, whatever the server does (open loop).
 
     Latency counts from the scheduled send time, so a stalled server shows as latency
     instead of as a slower schedule.
     """
-    return asyncio.run(_open_loop(url, paths, rate, seconds))
+    trace = trace_open_loop(url, paths, rate, seconds)
+    latencies, statuses = trace.latency_ms, trace.status
+    return LoadResult(
+        requests=len(statuses),
+        seconds=trace.seconds,
+        ok=int((statuses == 200).sum()),
+        not_found=int((statuses == 404).sum()),
+        errors=int(((statuses != 200) & (statuses != 404)).sum()),
+        p50_ms=float(np.percentile(latencies, 50)),
+        p90_ms=float(np.percentile(latencies, 90)),
+        p99_ms=float(np.percentile(latencies, 99)),
+        max_ms=float(np.max(latencies)),
+    )
 
 
-async def _open_loop(url: str, paths: list[str], rate: float, seconds: float) -> LoadResult:
+def trace_open_loop(
+    url: str, paths: list[str], rate: float, seconds: float, start: float | None = None
+) -> OpenLoopTrace:
+    """Send ``rate`` requests per second for ``seconds`` in open loop; record each request.
+
+    ``start`` is the ``time.perf_counter()`` instant of the first send (default: shortly
+    after the call), so a caller can sample something else on the same clock.
+    """
+    return asyncio.run(_open_loop(url, paths, rate, seconds, start))
+
+
+async def _open_loop(
+    url: str, paths: list[str], rate: float, seconds: float, start: float | None
+) -> OpenLoopTrace:
     count = max(1, int(rate * seconds))
+    began = np.full(count, np.nan)
     latencies = np.full(count, np.nan)
     statuses = np.zeros(count, dtype=np.int64)
     connector = aiohttp.TCPConnector(limit=256)
@@ -114,6 +159,7 @@ async def _open_loop(url: str, paths: list[str], rate: float, seconds: float) ->
     async with aiohttp.ClientSession(url, connector=connector, timeout=timeout) as client:
 
         async def one(i: int, scheduled: float) -> None:
+            began[i] = time.perf_counter()
             try:
                 async with client.get(paths[i % len(paths)]) as response:
                     await response.read()
@@ -122,7 +168,8 @@ async def _open_loop(url: str, paths: list[str], rate: float, seconds: float) ->
                 statuses[i] = -1
             latencies[i] = (time.perf_counter() - scheduled) * 1000
 
-        start = time.perf_counter() + 0.1
+        if start is None:
+            start = time.perf_counter() + 0.1
         pending = set()
         for i in range(count):
             scheduled = start + i / rate
@@ -132,14 +179,12 @@ async def _open_loop(url: str, paths: list[str], rate: float, seconds: float) ->
             task.add_done_callback(pending.discard)
         await asyncio.gather(*pending)
         elapsed = time.perf_counter() - start
-    return LoadResult(
-        requests=count,
+    scheduled_s = np.arange(count) / rate
+    return OpenLoopTrace(
+        rate=rate,
         seconds=elapsed,
-        ok=int((statuses == 200).sum()),
-        not_found=int((statuses == 404).sum()),
-        errors=int(((statuses != 200) & (statuses != 404)).sum()),
-        p50_ms=float(np.percentile(latencies, 50)),
-        p90_ms=float(np.percentile(latencies, 90)),
-        p99_ms=float(np.percentile(latencies, 99)),
-        max_ms=float(np.max(latencies)),
+        scheduled_s=scheduled_s,
+        send_lag_ms=(began - start - scheduled_s) * 1000,
+        latency_ms=latencies,
+        status=statuses,
     )

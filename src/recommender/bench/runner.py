@@ -10,9 +10,19 @@ from pathlib import Path
 
 from recommender.bench.load import LoadResult, request_paths, run_open_loop, run_wrk
 from recommender.bench.server import ServerProcess
+from recommender.bench.soak import (
+    SOAK_RATE,
+    WARM_UP_SECONDS,
+    WINDOW_SECONDS,
+    run_soak,
+    summary_lines,
+)
 
 REFERENCE_RATE = 30.0
 CONNECTIONS = 32
+# Ten minutes of steady load: run only when named, never as part of the default run.
+SOAK = "soak"
+SOAK_SECONDS = 600.0
 
 
 @dataclass
@@ -33,7 +43,9 @@ class BenchPlan:
     data_dir: Path
     requests_file: Path
     out: Path
-    seconds: float
+    seconds: float = 30.0
+    soak_seconds: float = SOAK_SECONDS
+    soak_window_seconds: float = WINDOW_SECONDS
     url: str | None = None
     store: str | None = None
     cache: str | None = None
@@ -58,7 +70,10 @@ def run(plan: BenchPlan, progress: Callable[[str], None]) -> dict:
         log = plan.out / f"server-{scenario.name}.log"
         with ServerProcess(_free_port(), scenario.options, log) as server:
             scenario.ready_seconds = round(server.ready_seconds, 2)
-            _measure(scenario, server.url, plan, paths, paths_file, progress)
+            if scenario.name == SOAK:
+                _soak(scenario, server, plan, paths, progress)
+            else:
+                _measure(scenario, server.url, plan, paths, paths_file, progress)
             scenario.memory_mb = round(server.pss_megabytes(), 1)
 
     results = {
@@ -87,6 +102,8 @@ def _scenarios(plan: BenchPlan) -> list[Scenario]:
         if plan.cache is not None:
             options += ["--cache", plan.cache]
         scenarios.append(Scenario("postgresql-redis" if plan.cache else "postgresql", options))
+    if SOAK in plan.only:
+        scenarios.append(Scenario(SOAK, common))
     return scenarios
 
 
@@ -112,6 +129,30 @@ def _measure(
             swept = run_open_loop(url, paths, rate, min(plan.seconds, 10.0))
             scenario.results[f"fixed-{rate:g}/s"] = swept.as_dict()
             progress(f"  fixed {rate:g}/s: {_line(swept)}")
+
+
+def _soak(
+    scenario: Scenario,
+    server: ServerProcess,
+    plan: BenchPlan,
+    paths: list[str],
+    progress: Callable[[str], None],
+) -> None:
+    progress(
+        f"  {SOAK_RATE:g} requests/s for {WARM_UP_SECONDS:g} s of warm-up, then "
+        f"{plan.soak_seconds:g} s in windows of {plan.soak_window_seconds:g} s"
+    )
+    record = run_soak(
+        server, paths, plan.soak_seconds, progress, window_seconds=plan.soak_window_seconds
+    )
+    scenario.results[SOAK] = record
+    for line in summary_lines(record["summary"]):
+        progress(line)
+    load = record["load_average_1_5_15"]
+    progress(
+        f"  machine load average (1 min) {load['before'][0]:.1f} before, "
+        f"{load['after'][0]:.1f} after"
+    )
 
 
 def _line(result: LoadResult) -> str:

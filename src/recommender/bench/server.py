@@ -52,16 +52,52 @@ class ServerProcess:
 
     def pss_megabytes(self) -> float:
         """Proportional set size of the master and its workers, in MB (shared pages split)."""
-        return sum(_pss_kilobytes(pid) for pid in _tree(self.process.pid)) / 1024
+        return sum(_smaps_rollup(pid).get("Pss", 0) for pid in _tree(self.process.pid)) / 1024
+
+    def worker_pids(self) -> list[int]:
+        """The master's children, the Gunicorn workers; empty once the master is gone."""
+        try:
+            return _children(self.process.pid)
+        except (FileNotFoundError, ProcessLookupError):
+            return []
+
+
+def process_usage(pid: int) -> dict[str, float] | None:
+    """Memory and CPU time of one process, or None if it has gone.
+
+    ``rss_mb`` counts every resident page, shared or not; ``pss_mb`` splits shared pages
+    among their sharers; ``private_dirty_mb`` counts the pages only this process has written
+    (its own heap, and shared pages it has copied on write), where a leak shows first.
+    ``cpu_seconds`` is user plus system time since the process started.
+    """
+    try:
+        memory = _smaps_rollup(pid)
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    ticks = os.sysconf("SC_CLK_TCK")
+    return {
+        "rss_mb": memory.get("Rss", 0) / 1024,
+        "pss_mb": memory.get("Pss", 0) / 1024,
+        "private_dirty_mb": memory.get("Private_Dirty", 0) / 1024,
+        # utime and stime, fields 14 and 15 of stat; pid and name (fields 1 and 2) are cut off.
+        "cpu_seconds": (int(fields[11]) + int(fields[12])) / ticks,
+    }
+
+
+def _children(pid: int) -> list[int]:
+    return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 
 
 def _tree(pid: int) -> list[int]:
-    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    return [pid, *(descendant for child in children for descendant in _tree(int(child)))]
+    return [pid, *(descendant for child in _children(pid) for descendant in _tree(child))]
 
 
-def _pss_kilobytes(pid: int) -> int:
+def _smaps_rollup(pid: int) -> dict[str, int]:
+    """The kB fields of /proc/<pid>/smaps_rollup by name (``Rss``, ``Pss``, ...)."""
+    sizes = {}
     for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-        if line.startswith("Pss:"):
-            return int(line.split()[1])
-    return 0
+        name, _, rest = line.partition(":")
+        if rest.endswith(" kB"):
+            sizes[name] = int(rest.split()[0])
+    return sizes
