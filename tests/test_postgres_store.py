@@ -17,6 +17,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import psycopg
 import pyarrow.parquet as pq
 import pytest
 from conftest import (
@@ -34,6 +35,7 @@ from recommender.dataset.generate import generate
 from recommender.dataset.reader import DataError
 from recommender.features import StoreUnavailable
 from recommender.postgres.load import load_database
+from recommender.postgres.schema import libpq_url
 from recommender.postgres.store import PostgresStore
 from recommender.service import Recommender, load_recommender
 from recommender.settings import Settings
@@ -49,6 +51,8 @@ CLIENT_TIMEOUT = 10.0
 RECOVERY_TIMEOUT = 30.0
 # Seconds the served store waits for PostgreSQL per request before answering 503.
 STORE_TIMEOUT = 1
+# A bound on waiting for something that must happen, not an expectation of speed.
+LIVENESS_TIMEOUT = 30.0
 N_REQUESTS = 16
 
 
@@ -385,3 +389,25 @@ def test_requests_across_a_cut_and_a_restore_get_an_answer_or_a_503_and_never_ha
         counts = stream.stop()
 
     assert set(counts) == {200, 503}, counts
+
+
+def test_a_query_blocked_in_the_database_is_cancelled_by_the_statement_timeout(
+    loaded_url: str, data_dir: Path
+) -> None:
+    # The store's statement_timeout, not the client, must end a query that PostgreSQL holds:
+    # nothing else would, and the request would wait for as long as the lock is held.
+    store = PostgresStore(loaded_url, N_FEATURES, "float32", N_USERS, timeout=0.3, pool_size=1)
+    user_id, _ = _first_user(data_dir)
+
+    async def read_while_locked() -> None:
+        await store.open()
+        try:
+            with psycopg.connect(libpq_url(loaded_url)) as locker:
+                locker.execute("LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
+                # A bound on waiting only, far above the timeout under test.
+                await asyncio.wait_for(store.features(user_id), LIVENESS_TIMEOUT)
+        finally:
+            await store.close()
+
+    with pytest.raises(StoreUnavailable, match="QueryCanceled"):
+        asyncio.run(read_while_locked())

@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -236,3 +237,29 @@ def test_after_a_reload_the_version_metric_names_only_the_new_model(
         ]
         assert after != before
         assert versions == [after]
+
+
+def test_a_hung_worker_is_replaced_after_the_worker_timeout(
+    data_dir: Path, tmp_path: Path, requests: list[dict]
+) -> None:
+    row = requests[0]
+    parameters = {"latitude": row["latitude"], "longitude": row["longitude"]}
+    with running_server(
+        data_dir, tmp_path, "--workers", str(WORKERS), worker_timeout="2"
+    ) as server:
+        hung = min(_worker_pids(server))
+
+        # A stopped process stands for one stuck in a request: it answers nothing any more.
+        os.kill(hung, signal.SIGSTOP)
+        replaced = _gone_within({hung}, STOP_TIMEOUT)
+        deadline = time.monotonic() + STOP_TIMEOUT
+        while len(_worker_pids(server)) < WORKERS and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+        assert replaced, server.log_text()
+        assert len(_worker_pids(server)) == WORKERS
+        assert "WORKER TIMEOUT" in server.log_text()
+        with local_client() as client:
+            for _ in range(4):
+                url = f"{server.url}/recommend/{row['user_id']}"
+                assert client.get(url, params=parameters).status_code == 200
