@@ -125,6 +125,18 @@ class TestMetrics:
         assert counts[(("method", "GET"), route, ("status", "422"))] == 1
         assert counts[(("method", "GET"), ("route", "unmatched"), ("status", "404"))] == 1
 
+    def test_the_documents_routes_are_counted_under_their_own_paths(
+        self, fresh: Recommender
+    ) -> None:
+        client = Client(create_app(fresh))
+        client.get("/openapi.json")
+        client.get("/docs")
+
+        counts = _samples(client, "recommender_requests_total")
+
+        for path in ("/openapi.json", "/docs"):
+            assert counts[(("method", "GET"), ("route", path), ("status", "200"))] == 1
+
     def test_latency_is_a_histogram_with_one_observation_per_request(
         self, fresh: Recommender
     ) -> None:

@@ -21,6 +21,7 @@ from prometheus_client import (
     multiprocess,
     values,
 )
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 METRICS_CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -149,7 +150,7 @@ class ObserveRequests:
             self._record(scope, status, time.perf_counter() - started, request_id)
 
     def _record(self, scope: Scope, status: int, seconds: float, request_id: str) -> None:
-        route = scope["route"].path if "route" in scope else _UNMATCHED
+        route = _route_template(scope)
         method = scope["method"]
         labels = (method, route, str(status))
         self.metrics.requests.labels(*labels).inc()
@@ -172,6 +173,20 @@ class ObserveRequests:
                 }
             },
         )
+
+
+def _route_template(scope: Scope) -> str:
+    """The path template of the route that answered, or ``unmatched``."""
+    route = scope.get("route")
+    if route is None:
+        # FastAPI names its own routes in the scope, but not plain Starlette ones such as
+        # /openapi.json and /docs.
+        router = getattr(scope.get("app"), "router", None)
+        route = next(
+            (r for r in getattr(router, "routes", ()) if r.matches(scope)[0] == Match.FULL),
+            None,
+        )
+    return getattr(route, "path", _UNMATCHED)
 
 
 def _request_id(scope: Scope) -> str:

@@ -50,7 +50,12 @@ class LoadReport:
 
     def summary(self) -> str:
         """One line describing the loaded data."""
-        prepared = "prepared user features anew" if self.prepared else "reused prepared features"
+        if self.store != "embedded":
+            prepared = "user features read per request"
+        elif self.prepared:
+            prepared = "prepared user features anew"
+        else:
+            prepared = "reused prepared features"
         check = "verified" if self.model_verified else "NOT verified: no pinned SHA-256"
         return (
             f"loaded {self.n_restaurants} restaurants and {self.n_users} users "
