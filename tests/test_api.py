@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import logging
 import math
 from urllib.parse import quote
 
@@ -14,7 +15,8 @@ from hypothesis import strategies as st
 from recommender.api import create_app
 from recommender.contract import PARAMETERS, render
 from recommender.ranking import Query
-from recommender.service import Recommender
+from recommender.service import Recommender, load_recommender
+from recommender.settings import Settings
 
 USER = "u001"
 POINT = "latitude=13.8&longitude=100.5"
@@ -579,3 +581,42 @@ def test_the_longest_user_id_of_multibyte_characters_is_looked_up_not_refused(
 
     assert response.status_code == 404
     assert response.json()["user_id"] == user_id
+
+
+@pytest.mark.parametrize("user_id", ["a\x00b", "new\nline", "tab\there", "del\x7f"])
+def test_a_user_id_with_control_characters_is_refused_naming_user_id(
+    client: Client, user_id: str
+) -> None:
+    response = client.get(f"/recommend/{quote(user_id)}?{POINT}")
+
+    assert response.status_code == 422
+    assert response.json()["parameter"] == "user_id"
+
+
+def test_an_unexpected_error_is_a_json_500_with_a_request_id(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    recommender = load_recommender(settings)
+
+    async def broken(user_id: str) -> None:
+        raise RuntimeError("disk on fire")
+
+    recommender.store.features = broken
+    client = Client(create_app(recommender))
+
+    with caplog.at_level(logging.ERROR, logger="recommender.request"):
+        response = client.get(f"/recommend/{USER}?{POINT}", headers={"X-Request-ID": "trace-me"})
+
+    assert response.status_code == 500
+    assert response.json() == {"detail": "internal error"}
+    assert response.headers["X-Request-ID"] == "trace-me"
+    assert "X-Model-SHA256" in response.headers
+    assert any("trace-me" in record.getMessage() for record in caplog.records)
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/readyz"])
+def test_probes_answer_head_as_get_without_a_body(client: Client, path: str) -> None:
+    response = client.request("HEAD", path)
+
+    assert response.status_code == 200
+    assert response.content == b""

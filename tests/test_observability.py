@@ -1,8 +1,10 @@
 """Request ids, version headers, metrics and log lines, in process (one worker, no server)."""
 
 import asyncio
+import gc
 import json
 import logging
+import weakref
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -239,3 +241,17 @@ class TestLogs:
         config = logging_config("text", "info")
 
         assert "format" in config["formatters"]["service"]
+
+
+def test_an_app_built_anew_keeps_nothing_of_the_data_before(settings: Settings) -> None:
+    # A reload builds a new app on new data; the old data set must be freed, not kept alive
+    # by anything that outlives its app.
+    first = load_recommender(settings)
+    Client(create_app(first)).get(f"/recommend/u001?{POINT}")
+    gone = weakref.ref(first)
+    del first
+
+    Client(create_app(load_recommender(settings))).get(f"/recommend/u001?{POINT}")
+    gc.collect()
+
+    assert gone() is None

@@ -1,10 +1,12 @@
 """End to end: ``recommender serve`` under Gunicorn with two workers, over a local socket."""
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -13,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import SMALL, Server, local_client, running_server
+from conftest import SMALL, Server, local_client, running_server, start_server
 from prometheus_client.parser import text_string_to_metric_families
 
 from recommender.contract import render
@@ -263,3 +265,62 @@ def test_a_hung_worker_is_replaced_after_the_worker_timeout(
             for _ in range(4):
                 url = f"{server.url}/recommend/{row['user_id']}"
                 assert client.get(url, params=parameters).status_code == 200
+
+
+def test_every_log_line_is_json_off_a_terminal_even_the_http_parsers(
+    server: Server,
+) -> None:
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=STOP_TIMEOUT) as connection:
+        connection.sendall(b"GET healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert connection.recv(1024).startswith(b"HTTP/1.1 400")
+    with local_client() as client:
+        client.get(f"{server.url}/healthz")
+
+    lines = server.log_text().splitlines()
+
+    assert lines
+    assert all(json.loads(line)["message"] for line in lines)
+    assert any("Invalid HTTP request" in json.loads(line)["message"] for line in lines)
+
+
+def test_workers_stop_by_themselves_when_their_master_is_killed(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    with running_server(
+        data_dir, tmp_path, "--workers", str(WORKERS), worker_timeout="2"
+    ) as server:
+        workers = _worker_pids(server)
+        try:
+            server.process.kill()
+            server.process.wait()
+
+            assert _gone_within(workers, STOP_TIMEOUT), server.log_text()
+        finally:
+            for pid in workers:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+
+
+def test_a_second_server_on_the_same_metrics_directory_is_refused_and_counts_survive(
+    data_dir: Path, tmp_path: Path, requests: list[dict]
+) -> None:
+    shared = str(tmp_path / "metrics")
+    row = requests[0]
+    parameters = {"latitude": row["latitude"], "longitude": row["longitude"]}
+    first_dir, second_dir = tmp_path / "first", tmp_path / "second"
+    first_dir.mkdir()
+    second_dir.mkdir()
+    with running_server(data_dir, first_dir, metrics_dir=shared) as first:
+        with local_client() as client:
+            for _ in range(3):
+                client.get(f"{first.url}/recommend/{row['user_id']}", params=parameters)
+
+        second = start_server(data_dir, second_dir, metrics_dir=shared)
+        returncode = second.process.wait(timeout=STOP_TIMEOUT)
+
+        with local_client() as client:
+            metrics = client.get(f"{first.url}/metrics").text
+        assert returncode == 2
+        assert "in use by another running server" in second.log_text()
+        assert _recommend_count(metrics) == 3

@@ -184,22 +184,16 @@ def _parameters_doc(coordinates_required: bool, limits: Limits) -> dict:
 
 
 def create_app(recommender: Recommender) -> FastAPI:
-    """The FastAPI application answering from ``recommender``."""
+    """The FastAPI application answering from ``recommender``.
 
-    @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        # Connections belong to the worker process, so they are opened after the fork.
-        await recommender.store.open()
-        version = recommender.metrics.version
-        version.labels(report.model_sha256, report.data_sha256).set(1)
-        try:
-            yield
-        finally:
-            await recommender.store.close()
-
+    The endpoints are module-level functions that find the recommender in ``app.state``:
+    FastAPI caches facts about endpoint functions for the life of the process, and a closure
+    over the recommender would keep every data set ever loaded (one per reload) alive.
+    """
     report = recommender.report
+    limits = recommender.limits
     app = FastAPI(
-        lifespan=lifespan,
+        lifespan=_lifespan,
         # An id ending in "/" is another id, never a redirect to a different user.
         redirect_slashes=False,
         title="Restaurant recommendations",
@@ -207,97 +201,42 @@ def create_app(recommender: Recommender) -> FastAPI:
         "between the user's features and each restaurant's embedding.",
         version="1",
     )
-
-    @app.get(
+    app.state.recommender = recommender
+    app.add_api_route(
         "/recommend/{user_id}",
+        _recommend,
+        methods=["GET"],
+        name="recommend",
         responses=_RESPONSES,
-        openapi_extra=_parameters_doc(True, recommender.limits),
+        openapi_extra=_parameters_doc(True, limits),
     )
-    async def recommend(request: Request) -> Response:
-        """Recommend restaurants for a user standing at (latitude, longitude)."""
-        user_id = request.path_params["user_id"]
-        return await _answer(recommender, user_id, _query_parameters(request))
-
-    @app.post(
+    app.add_api_route(
         "/recommend/{user_id}",
+        _recommend_post,
+        methods=["POST"],
+        name="recommend_post",
         responses=_RESPONSES,
-        openapi_extra={
-            **_parameters_doc(False, recommender.limits),
-            **_body_doc(recommender.limits),
-        },
+        openapi_extra={**_parameters_doc(False, limits), **_body_doc(limits)},
     )
-    async def recommend_post(request: Request) -> Response:
-        """As GET, taking parameters from the query string or a JSON object body.
+    app.add_api_route(
+        "/healthz", _healthz, methods=["GET"], name="healthz", responses={414: _RESPONSES[414]}
+    )
+    app.add_api_route(
+        "/readyz",
+        _readyz,
+        methods=["GET"],
+        name="readyz",
+        responses={414: _RESPONSES[414], 503: _READINESS_UNAVAILABLE},
+    )
+    # Probes that ask with HEAD get the same status, without a body.
+    app.add_api_route("/healthz", _healthz, methods=["HEAD"], include_in_schema=False)
+    app.add_api_route("/readyz", _readyz, methods=["HEAD"], include_in_schema=False)
+    app.add_api_route("/metrics", _metrics, methods=["GET"], include_in_schema=False)
 
-        Each parameter may come from either place but not from both; latitude and longitude
-        are required from one of them.
-        """
-        user_id = request.path_params["user_id"]
-        body = await _body_parameters(request)
-        query = _query_parameters(request)
-        for name in PARAMETERS:
-            if name in body and name in query and is_given(body[name]) and is_given(query[name]):
-                raise ParameterError(name, f"{name} is given in both the query and the body")
-        given_in_body = {name: value for name, value in body.items() if is_given(value)}
-        return await _answer(recommender, user_id, {**query, **given_in_body})
-
-    @app.get("/healthz", responses={414: _RESPONSES[414]})
-    async def healthz() -> dict:
-        """The process is alive."""
-        return {"status": "ok"}
-
-    @app.get("/readyz", responses={414: _RESPONSES[414], 503: _READINESS_UNAVAILABLE})
-    async def readyz() -> JSONResponse:
-        """Ready to answer: data loaded and the store reachable; a failed cache only degrades."""
-        parts = await recommender.store.status()
-        if parts["store"] != "ok":
-            state, code = "unavailable", 503
-        elif any(value != "ok" for value in parts.values()):
-            state, code = "degraded", 200
-        else:
-            state, code = "ready", 200
-        body = {
-            "status": state,
-            **parts,
-            "restaurants": len(recommender.catalog),
-            "users": recommender.store.n_users,
-        }
-        return JSONResponse(body, status_code=code)
-
-    @app.get("/metrics", include_in_schema=False)
-    async def metrics() -> Response:
-        """Prometheus metrics of every worker."""
-        return Response(recommender.metrics.exposition(), media_type=METRICS_CONTENT_TYPE)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, error: StarletteHTTPException) -> Response:
-        headers = dict(error.headers or {})
-        if error.status_code == 405:
-            # Starlette names only the methods of the first route matching the path.
-            headers["Allow"] = ", ".join(_allowed_methods(app, request.scope))
-        return JSONResponse(
-            {"detail": error.detail}, status_code=error.status_code, headers=headers
-        )
-
-    @app.exception_handler(ParameterError)
-    async def parameter_error(request: Request, error: ParameterError) -> JSONResponse:
-        return JSONResponse(
-            {"detail": error.message, "parameter": error.parameter}, status_code=422
-        )
-
-    @app.exception_handler(StoredFeaturesInvalid)
-    async def stored_features_invalid(
-        request: Request, error: StoredFeaturesInvalid
-    ) -> JSONResponse:
-        return JSONResponse({"detail": str(error)}, status_code=500)
-
-    @app.exception_handler(StoreUnavailable)
-    async def store_unavailable(request: Request, error: StoreUnavailable) -> JSONResponse:
-        return JSONResponse(
-            {"detail": f"the feature store is unavailable: {error}"},
-            status_code=503,
-            headers={"Retry-After": "1"},
-        )
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(ParameterError, _parameter_error)
+    app.add_exception_handler(StoredFeaturesInvalid, _stored_features_invalid)
+    app.add_exception_handler(StoreUnavailable, _store_unavailable)
 
     app.add_middleware(RefuseOversized)
     # Outermost, so that refused requests are counted and logged too.
@@ -307,6 +246,99 @@ def create_app(recommender: Recommender) -> FastAPI:
         headers={MODEL_HEADER: report.model_sha256, DATA_HEADER: report.data_sha256},
     )
     return app
+
+
+@contextlib.asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    recommender: Recommender = app.state.recommender
+    report = recommender.report
+    # Connections belong to the worker process, so they are opened after the fork.
+    await recommender.store.open()
+    recommender.metrics.version.labels(report.model_sha256, report.data_sha256).set(1)
+    try:
+        yield
+    finally:
+        await recommender.store.close()
+
+
+async def _recommend(request: Request) -> Response:
+    """Recommend restaurants for a user standing at (latitude, longitude)."""
+    user_id = request.path_params["user_id"]
+    return await _answer(request.app.state.recommender, user_id, _query_parameters(request))
+
+
+async def _recommend_post(request: Request) -> Response:
+    """As GET, taking parameters from the query string or a JSON object body.
+
+    Each parameter may come from either place but not from both; latitude and longitude are
+    required from one of them.
+    """
+    user_id = request.path_params["user_id"]
+    body = await _body_parameters(request)
+    query = _query_parameters(request)
+    for name in PARAMETERS:
+        if name in body and name in query and is_given(body[name]) and is_given(query[name]):
+            raise ParameterError(name, f"{name} is given in both the query and the body")
+    given_in_body = {name: value for name, value in body.items() if is_given(value)}
+    return await _answer(request.app.state.recommender, user_id, {**query, **given_in_body})
+
+
+async def _healthz() -> dict:
+    """The process is alive."""
+    return {"status": "ok"}
+
+
+async def _readyz(request: Request) -> JSONResponse:
+    """Ready to answer: data loaded and the store reachable; a failed cache only degrades."""
+    recommender: Recommender = request.app.state.recommender
+    parts = await recommender.store.status()
+    if parts["store"] != "ok":
+        state, code = "unavailable", 503
+    elif any(value != "ok" for value in parts.values()):
+        state, code = "degraded", 200
+    else:
+        state, code = "ready", 200
+    body = {
+        "status": state,
+        **parts,
+        "restaurants": len(recommender.catalog),
+        "users": recommender.store.n_users,
+    }
+    return JSONResponse(body, status_code=code)
+
+
+def _metrics(request: Request) -> Response:
+    """Prometheus metrics of every worker.
+
+    A plain function, so FastAPI runs it in a thread: reading every process's metric files
+    must not hold up the requests on this worker's event loop.
+    """
+    exposition = request.app.state.recommender.metrics.exposition()
+    return Response(exposition, media_type=METRICS_CONTENT_TYPE)
+
+
+async def _http_error(request: Request, error: StarletteHTTPException) -> Response:
+    headers = dict(error.headers or {})
+    if error.status_code == 405:
+        # Starlette names only the methods of the first route matching the path.
+        headers["Allow"] = ", ".join(_allowed_methods(request.app, request.scope))
+    return JSONResponse({"detail": error.detail}, status_code=error.status_code, headers=headers)
+
+
+async def _parameter_error(request: Request, error: ParameterError) -> JSONResponse:
+    return JSONResponse({"detail": error.message, "parameter": error.parameter}, status_code=422)
+
+
+async def _stored_features_invalid(request: Request, error: StoredFeaturesInvalid) -> JSONResponse:
+    return JSONResponse({"detail": str(error)}, status_code=500)
+
+
+async def _store_unavailable(request: Request, error: StoreUnavailable) -> JSONResponse:
+    return JSONResponse(
+        {"detail": f"the feature store is unavailable: {error}"},
+        status_code=503,
+        headers={"Retry-After": "1"},
+    )
 
 
 def _allowed_methods(app: FastAPI, scope: Scope) -> list[str]:

@@ -18,6 +18,8 @@ PARAMETERS = ("latitude", "longitude", "size", "max_dis", "sort_dis")
 MAX_VALUE_LENGTH = 64
 MAX_USER_ID_LENGTH = 256
 _NUMBER = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
+# No id in any store has them, and PostgreSQL refuses a NUL in text outright.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _NOT_GIVEN = re.compile(r"[+-]?nan", re.IGNORECASE)
 
 
@@ -90,6 +92,8 @@ def check_user_id(user_id: str) -> None:
         raise ParameterError(
             "user_id", f"user_id must be at most {MAX_USER_ID_LENGTH} characters long"
         )
+    if _CONTROL.search(user_id):
+        raise ParameterError("user_id", "user_id must not contain control characters")
 
 
 def render(ranking: Ranking) -> bytes:

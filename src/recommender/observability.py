@@ -1,5 +1,6 @@
 """What the service tells the people who run it: metrics, log lines and request ids."""
 
+import fcntl
 import logging
 import logging.config
 import os
@@ -35,8 +36,16 @@ _CANDIDATE_BUCKETS = (0, 1, 3, 10, 30, 100, 300, 1000, 3000, 10_000, 100_000)
 # Requests that match no route share one label, so a scan of random paths cannot create
 # unbounded metric series.
 _UNMATCHED = "unmatched"
+_KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 request_log = logging.getLogger("recommender.request")
+
+
+class MetricsDirectoryBusy(Exception):
+    """Another running server keeps its metrics in the directory asked for."""
+
+
+_held_locks: list = []
 
 
 def collect_in(directory: Path) -> None:
@@ -44,8 +53,24 @@ def collect_in(directory: Path) -> None:
 
     Call before any metric is created. Files a previous server left there are removed: their
     counts belong to processes that no longer exist.
+
+    Raises
+    ------
+    MetricsDirectoryBusy
+        If another running server uses ``directory``: removing its files would lose its counts.
     """
     directory.mkdir(parents=True, exist_ok=True)
+    lock = (directory / ".lock").open("a")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise MetricsDirectoryBusy(
+            f"metrics directory {directory} is in use by another running server; give each "
+            "server its own RECOMMENDER_METRICS_DIR"
+        ) from None
+    # Held, and inherited by the workers, for as long as this server runs.
+    _held_locks.append(lock)
     for stale in directory.glob("*.db"):
         stale.unlink()
     os.environ[MULTIPROCESS_DIR] = str(directory)
@@ -136,22 +161,33 @@ class ObserveRequests:
         request_id = _request_id(scope)
         status = 500
 
+        status_sent = False
+
         async def send_with_headers(message: Message) -> None:
-            nonlocal status
+            nonlocal status, status_sent
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, status_sent = message["status"], True
                 extra = [(b"x-request-id", request_id.encode()), *self.headers]
                 message["headers"] = [*message.get("headers", []), *extra]
             await send(message)
 
         try:
             await self.app(scope, receive, send_with_headers)
+        except Exception:
+            # Anything the application did not turn into a response: logged with the request
+            # id, and answered as every other error is, in JSON, with the usual headers.
+            request_log.exception("unhandled error, request_id=%s", request_id)
+            if status_sent:
+                raise
+            status = 500
+            await _internal_error(send_with_headers)
         finally:
             self._record(scope, status, time.perf_counter() - started, request_id)
 
     def _record(self, scope: Scope, status: int, seconds: float, request_id: str) -> None:
         route = _route_template(scope)
-        method = scope["method"]
+        # Any other method is one label, so a client cannot create unbounded metric series.
+        method = scope["method"] if scope["method"] in _KNOWN_METHODS else "other"
         labels = (method, route, str(status))
         self.metrics.requests.labels(*labels).inc()
         self.metrics.latency.labels(*labels).observe(seconds)
@@ -173,6 +209,13 @@ class ObserveRequests:
                 }
             },
         )
+
+
+async def _internal_error(send: Send) -> None:
+    body = orjson.dumps({"detail": "internal error"})
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+    await send({"type": "http.response.start", "status": 500, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 def _route_template(scope: Scope) -> str:

@@ -3,6 +3,7 @@
 import asyncio
 import gc
 import logging
+import os
 import shutil
 import socket
 import sys
@@ -26,9 +27,15 @@ from recommender.settings import Settings
 log = logging.getLogger("recommender")
 
 
-def _limit_blas_threads(server: Any, worker: Any) -> None:
+def _after_fork(server: Any, worker: Any) -> None:
     # Each worker is one busy process; BLAS threads of two workers on two cores would fight.
     threadpool_limits(limits=1)
+    # Uvicorn's worker hands its loggers Gunicorn's handlers; here every line goes through the
+    # root logger's, so that it is in the configured format.
+    for name in ("uvicorn.error", "uvicorn.access"):
+        logger = logging.getLogger(name)
+        logger.handlers = []
+        logger.propagate = True
 
 
 def _forget_worker(server: Any, worker: Any) -> None:
@@ -66,12 +73,22 @@ class _DrainingServer(uvicorn.Server):
 
 
 class Worker(UvicornWorker):
-    """Gunicorn's Uvicorn worker, stopping through ``_DrainingServer``."""
+    """Gunicorn's Uvicorn worker, stopping through ``_DrainingServer``.
+
+    It also stops by itself when its master is gone (killed with SIGKILL, say), within the
+    worker timeout, instead of holding the port and serving on without supervision.
+    """
+
+    async def callback_notify(self) -> None:
+        if os.getppid() != self.ppid:
+            self.log.warning("master %s is gone; worker %s stopping", self.ppid, self.pid)
+            self._server.should_exit = True
+        await super().callback_notify()
 
     async def _serve(self) -> None:
         # Mirrors UvicornWorker._serve, with the draining server in place of uvicorn.Server.
         self.config.app = self.wsgi
-        server = _DrainingServer(config=self.config)
+        server = self._server = _DrainingServer(config=self.config)
         self._install_sigquit_handler()
         await server.serve(sockets=self.sockets)
         if not server.started:
@@ -106,7 +123,7 @@ class Server(BaseApplication):
             "graceful_timeout": settings.graceful_timeout,
             "keepalive": 5,
             "loglevel": settings.log_level,
-            "post_fork": _limit_blas_threads,
+            "post_fork": _after_fork,
             "child_exit": _forget_worker,
             "logconfig_dict": logging_config(settings.log_format, settings.log_level),
             "control_socket_disable": True,
