@@ -324,3 +324,31 @@ def test_a_second_server_on_the_same_metrics_directory_is_refused_and_counts_sur
         assert returncode == 2
         assert "in use by another running server" in second.log_text()
         assert _recommend_count(metrics) == 3
+
+
+@pytest.mark.parametrize("header_bytes", [100_000, 5_000_000])
+def test_a_request_head_over_64_kib_is_refused_with_431_and_the_worker_answers_on(
+    server: Server, header_bytes: int
+) -> None:
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=STOP_TIMEOUT) as connection:
+        connection.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: ")
+        answer = b""
+        with contextlib.suppress(ConnectionError):
+            for _ in range(header_bytes // 65_536):
+                connection.sendall(b"a" * 65_536)
+        with contextlib.suppress(ConnectionError):
+            while chunk := connection.recv(4096):
+                answer += chunk
+
+    assert answer.startswith(b"HTTP/1.1 431"), answer[:200]
+    assert b"at most 65536 bytes" in answer
+    with local_client() as client:
+        assert client.get(f"{server.url}/healthz").status_code == 200
+
+
+def test_a_request_head_of_a_few_kib_is_answered(server: Server) -> None:
+    with local_client() as client:
+        response = client.get(f"{server.url}/healthz", headers={"X-Trace": "t" * 8000})
+
+    assert response.status_code == 200

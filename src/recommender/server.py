@@ -12,10 +12,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import orjson
 import uvicorn
 from gunicorn.app.base import BaseApplication
 from gunicorn.arbiter import Arbiter
 from threadpoolctl import threadpool_limits
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.workers import UvicornWorker
 
 from recommender.api import create_app
@@ -44,6 +46,48 @@ def _forget_worker(server: Any, worker: Any) -> None:
 
 # How long a stopping worker waits for connections it has accepted to send their request.
 _ACCEPTED_REQUEST_WAIT = 1.0
+# A request line and headers longer than this are refused (431) as they arrive. The parser
+# itself has no bound, and its cost grows faster than the head's length.
+MAX_HEAD_BYTES = 65_536
+
+
+class _BoundedHead(HttpToolsProtocol):
+    """Uvicorn's httptools protocol, refusing a request head over ``MAX_HEAD_BYTES``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._in_head = True
+        self._head_bytes = 0
+
+    def data_received(self, data: bytes) -> None:
+        if self._in_head:
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD_BYTES:
+                self._refuse_head()
+                return
+        super().data_received(data)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._in_head, self._head_bytes = True, 0
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        super().on_headers_complete()
+
+    def _refuse_head(self) -> None:
+        self.logger.warning("request head over %d bytes refused", MAX_HEAD_BYTES)
+        body = orjson.dumps(
+            {"detail": f"the request line and headers must be at most {MAX_HEAD_BYTES} bytes"}
+        )
+        head = (
+            b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+            b"content-type: application/json\r\n"
+            b"content-length: %d\r\nconnection: close\r\n\r\n" % len(body)
+        )
+        self.transport.write(head + body)
+        self.transport.close()
+        self._in_head = False
 
 
 class _DrainingServer(uvicorn.Server):
@@ -78,6 +122,8 @@ class Worker(UvicornWorker):
     It also stops by itself when its master is gone (killed with SIGKILL, say), within the
     worker timeout, instead of holding the port and serving on without supervision.
     """
+
+    CONFIG_KWARGS = {**UvicornWorker.CONFIG_KWARGS, "http": _BoundedHead}
 
     async def callback_notify(self) -> None:
         if os.getppid() != self.ppid:
