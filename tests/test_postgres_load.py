@@ -1,18 +1,19 @@
-"""Loading a data directory into PostgreSQL: the schema, the bulk copy, the atomic swap, refusals.
+"""Loading a data directory into PostgreSQL: the schema, the bulk copy, the atomic swap, the
+users tables kept per load, refusals.
 
 Every test works in a fresh schema of its own (the ``database_url`` fixture), so loads of
 different tests never see each other's tables.
 """
 
 import asyncio
+import contextlib
 import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import h3.api.basic_int as h3
@@ -22,13 +23,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import SMALL
+from psycopg import sql
 from sqlalchemy import inspect
 from sqlalchemy.engine import make_url
 
 from recommender.dataset.reader import DataError, read_restaurants
 from recommender.geo import FINE_RESOLUTION
 from recommender.postgres.load import load_database
-from recommender.postgres.schema import engine_for
+from recommender.postgres.schema import USERS, engine_for
 from recommender.postgres.store import PostgresStore
 
 RECOMMENDER = Path(sys.executable).with_name("recommender")
@@ -47,18 +49,9 @@ COMMAND_TIMEOUT = 60.0
 READ_TIMEOUT = 30.0
 
 
-def _rows(url: str, query: str) -> list[tuple]:
+def _rows(url: str, query: str | sql.Composable) -> list[tuple]:
     with psycopg.connect(url) as connection:
         return connection.execute(query).fetchall()
-
-
-def _table_names(url: str) -> set[str]:
-    engine = engine_for(url)
-    try:
-        with engine.connect() as connection:
-            return set(inspect(connection).get_table_names())
-    finally:
-        engine.dispose()
 
 
 def _inspect(url: str, look: Callable) -> object:
@@ -70,8 +63,30 @@ def _inspect(url: str, look: Callable) -> object:
         engine.dispose()
 
 
+def _table_names(url: str) -> set[str]:
+    return _inspect(url, lambda inspector: set(inspector.get_table_names()))
+
+
+def _view_names(url: str) -> set[str]:
+    return _inspect(url, lambda inspector: set(inspector.get_view_names()))
+
+
+def _live_tables(*load_ids: str) -> set[str]:
+    """The tables a database holds after loads keeping the users of ``load_ids``."""
+    return {"restaurants", "dataset", *(f"users_{load_id}" for load_id in load_ids)}
+
+
+def _current_load_id(url: str) -> str:
+    return _rows(url, "SELECT load_id FROM dataset")[0][0]
+
+
 def _stored_users(url: str) -> dict[str, bytes]:
     return dict(_rows(url, "SELECT user_id, features FROM users"))
+
+
+def _users_of_load(url: str, load_id: str) -> dict[str, bytes]:
+    table = sql.Identifier(f"users_{load_id}")
+    return dict(_rows(url, sql.SQL("SELECT user_id, features FROM {}").format(table)))
 
 
 def _read_users(directory: Path) -> tuple[list[str], np.ndarray]:
@@ -80,6 +95,14 @@ def _read_users(directory: Path) -> tuple[list[str], np.ndarray]:
     ids = table.column("user_id").to_pylist()
     columns = [table.column(f"feature_{j}").to_numpy() for j in range(N_FEATURES)]
     return ids, np.column_stack(columns)
+
+
+def _file_users(directory: Path) -> dict[str, bytes]:
+    """Each user's features in ``directory`` as a load stores them (float32 little-endian)."""
+    ids, features = _read_users(directory)
+    return {
+        user_id: row.astype("<f4").tobytes() for user_id, row in zip(ids, features, strict=True)
+    }
 
 
 def _write_users(
@@ -134,8 +157,14 @@ def _user_file_with_bad_value(data_dir: Path, target: Path, value: float, positi
 # The schema.
 
 
-def test_a_load_creates_exactly_the_users_restaurants_and_dataset_tables(loaded_url: str) -> None:
-    assert _table_names(loaded_url) == {"users", "restaurants", "dataset"}
+def test_a_load_creates_restaurants_dataset_and_its_own_users_table_seen_through_a_view(
+    database_url: str, data_dir: Path
+) -> None:
+    summary = load_database(data_dir, database_url)
+
+    assert _table_names(database_url) == _live_tables(summary.load_id)
+    assert _view_names(database_url) == {"users"}
+    assert _current_load_id(database_url) == summary.load_id
 
 
 def test_a_load_copies_every_user_and_every_restaurant(database_url: str, data_dir: Path) -> None:
@@ -183,9 +212,10 @@ def test_user_features_are_stored_as_one_bytea_of_little_endian_floats_of_the_fi
 @pytest.mark.parametrize("loads", [1, 2], ids=["first-load", "reload"])
 def test_users_are_keyed_by_user_id(database_url: str, data_dir: Path, loads: int) -> None:
     for _ in range(loads):
-        load_database(data_dir, database_url)
+        summary = load_database(data_dir, database_url)
 
-    key = _inspect(database_url, lambda inspector: inspector.get_pk_constraint("users"))
+    users = f"users_{summary.load_id}"
+    key = _inspect(database_url, lambda inspector: inspector.get_pk_constraint(users))
 
     assert key["constrained_columns"] == ["user_id"]
 
@@ -240,12 +270,13 @@ def test_loading_the_same_data_twice_keeps_the_same_users_and_restaurants(
 ) -> None:
     users = _stored_users(loaded_url)
     restaurants = sorted(_rows(loaded_url, "SELECT * FROM restaurants"))
+    first = _current_load_id(loaded_url)
 
-    load_database(data_dir, loaded_url)
+    second = load_database(data_dir, loaded_url).load_id
 
     assert _stored_users(loaded_url) == users
     assert sorted(_rows(loaded_url, "SELECT * FROM restaurants")) == restaurants
-    assert _table_names(loaded_url) == {"users", "restaurants", "dataset"}
+    assert _table_names(loaded_url) == _live_tables(first, second)
 
 
 def test_a_reload_replaces_every_user(loaded_url: str, other_data_dir: Path) -> None:
@@ -261,14 +292,16 @@ def test_a_reload_replaces_every_user(loaded_url: str, other_data_dir: Path) -> 
     )
 
 
-def _reload_alternately(url: str, directories: list[Path]) -> threading.Thread:
+@contextlib.contextmanager
+def _reloading_alternately(url: str, directories: list[Path]) -> Iterator[Future]:
+    """Loads of ``directories`` one after the other in a thread; its future, to watch."""
+
     def reload() -> None:
         for directory in directories:
             load_database(directory, url)
 
-    thread = threading.Thread(target=reload)
-    thread.start()
-    return thread
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        yield pool.submit(reload)
 
 
 def test_reads_during_reloads_see_all_the_old_or_all_the_new_features_never_a_gap(
@@ -277,8 +310,9 @@ def test_reads_during_reloads_see_all_the_old_or_all_the_new_features_never_a_ga
     ids, old_features = _read_users(data_dir)
     _, new_features = _read_users(other_data_dir)
     user_id, old, new = ids[0], old_features[0], new_features[0]
+    # Through the view: it must switch from one load's users to the other's without a gap.
     store = PostgresStore(
-        loaded_url, N_FEATURES, "float32", N_USERS, timeout=READ_TIMEOUT, pool_size=2
+        loaded_url, N_FEATURES, "float32", N_USERS, timeout=READ_TIMEOUT, pool_size=2, users=USERS
     )
     directories = [other_data_dir, data_dir] * (RELOADS // 2)
 
@@ -286,10 +320,10 @@ def test_reads_during_reloads_see_all_the_old_or_all_the_new_features_never_a_ga
         await store.open()
         try:
             seen = [await store.features(user_id)]
-            thread = _reload_alternately(loaded_url, directories)
-            while thread.is_alive():
-                seen.append(await store.features(user_id))
-            thread.join()
+            with _reloading_alternately(loaded_url, directories) as reloads:
+                while not reloads.done():
+                    seen.append(await store.features(user_id))
+                reloads.result()
             return seen
         finally:
             await store.close()
@@ -312,13 +346,13 @@ def test_a_reader_during_reloads_sees_users_and_dataset_of_the_same_load(
     seen = set()
 
     with psycopg.connect(loaded_url, autocommit=True) as connection:
-        thread = _reload_alternately(loaded_url, directories)
-        while thread.is_alive():
-            counts = connection.execute(
-                "SELECT (SELECT count(*) FROM users), (SELECT n_users FROM dataset)"
-            ).fetchone()
-            seen.add(counts)
-        thread.join()
+        with _reloading_alternately(loaded_url, directories) as reloads:
+            while not reloads.done():
+                counts = connection.execute(
+                    "SELECT (SELECT count(*) FROM users), (SELECT n_users FROM dataset)"
+                ).fetchone()
+                seen.add(counts)
+            reloads.result()
 
     assert seen <= {(N_USERS, N_USERS), (N_USERS + EXTRA_USERS, N_USERS + EXTRA_USERS)}
 
@@ -333,8 +367,87 @@ def test_concurrent_first_loads_all_succeed_one_after_the_other(
         summaries = [load.result() for load in loads]
 
     assert [summary.n_users for summary in summaries] == [N_USERS] * CONCURRENT_LOADS
-    assert _table_names(database_url) == {"users", "restaurants", "dataset"}
+    users_tables = _table_names(database_url) - _live_tables()
+    assert len(users_tables) == 2
+    assert users_tables <= {f"users_{summary.load_id}" for summary in summaries}
+    assert f"users_{_current_load_id(database_url)}" in users_tables
     assert _rows(database_url, "SELECT count(*) FROM users") == [(N_USERS,)]
+
+
+# Users kept per load.
+
+
+def test_the_users_view_shows_the_users_of_the_newest_load(
+    database_url: str, data_dir: Path, other_data_dir: Path
+) -> None:
+    seen = []
+    for directory in (data_dir, other_data_dir, data_dir):
+        load_database(directory, database_url)
+        seen.append(_stored_users(database_url) == _file_users(directory))
+
+    assert seen == [True, True, True]
+
+
+def test_a_load_keeps_the_users_table_of_the_previous_load_unchanged(
+    loaded_url: str, data_dir: Path, other_data_dir: Path
+) -> None:
+    previous = _current_load_id(loaded_url)
+
+    load_database(other_data_dir, loaded_url)
+
+    assert _users_of_load(loaded_url, previous) == _file_users(data_dir)
+
+
+def test_after_three_loads_only_the_users_tables_of_the_two_newest_remain(
+    database_url: str, data_dir: Path
+) -> None:
+    load_ids = [load_database(data_dir, database_url).load_id for _ in range(3)]
+
+    assert _table_names(database_url) == _live_tables(*load_ids[1:])
+    assert _view_names(database_url) == {"users"}
+
+
+# Tables of other owners in the same schema, named like a load's users table but not exactly.
+NOT_A_LOADS_USERS_TABLE = [
+    "users_notes",
+    "users_0123456789a",
+    "users_ABCDEF0123",
+    "my_users_0123456789",
+    "users_retired_0123456789",
+]
+
+
+def test_loads_drop_no_table_they_did_not_create(database_url: str, data_dir: Path) -> None:
+    with psycopg.connect(database_url) as connection:
+        for name in NOT_A_LOADS_USERS_TABLE:
+            create = sql.SQL("CREATE TABLE {} (note text)").format(sql.Identifier(name))
+            connection.execute(create)
+
+    for _ in range(3):
+        load_database(data_dir, database_url)
+
+    assert set(NOT_A_LOADS_USERS_TABLE) <= _table_names(database_url)
+
+
+def test_a_long_reader_of_a_loads_own_users_table_does_not_hold_up_the_next_load(
+    loaded_url: str, other_data_dir: Path
+) -> None:
+    # A server's cache warm-up reads the users table of its load for as long as it takes; the
+    # next load leaves that table in place, so it has nothing to wait for.
+    users = sql.Identifier(f"users_{_current_load_id(loaded_url)}")
+    long_reader = psycopg.connect(loaded_url)
+    pool = ThreadPoolExecutor(max_workers=1)
+    try:
+        long_reader.execute(sql.SQL("SELECT count(*) FROM {}").format(users)).fetchone()
+        reload = pool.submit(load_database, other_data_dir, loaded_url)
+        summary = reload.result(timeout=COMMAND_TIMEOUT)
+        in_the_view = _stored_users(loaded_url)
+    finally:
+        long_reader.close()
+        pool.shutdown()
+
+    assert summary.n_users == N_USERS + EXTRA_USERS
+    assert in_the_view == _file_users(other_data_dir)
 
 
 # Bad rows and bad files.
@@ -399,6 +512,7 @@ def test_a_failed_reload_leaves_the_loaded_data_intact(
 ) -> None:
     users = _stored_users(loaded_url)
     dataset = _rows(loaded_url, "SELECT * FROM dataset")
+    tables = _table_names(loaded_url)
     directory = _user_file_with_bad_value(data_dir, tmp_path / "data", np.inf, FIRST_BATCH + 3)
 
     with pytest.raises(DataError):
@@ -406,7 +520,7 @@ def test_a_failed_reload_leaves_the_loaded_data_intact(
 
     assert _stored_users(loaded_url) == users
     assert _rows(loaded_url, "SELECT * FROM dataset") == dataset
-    assert _table_names(loaded_url) == {"users", "restaurants", "dataset"}
+    assert (_table_names(loaded_url), _view_names(loaded_url)) == (tables, {"users"})
 
 
 def test_a_failed_first_load_leaves_no_table_behind(
@@ -417,7 +531,7 @@ def test_a_failed_first_load_leaves_no_table_behind(
     with pytest.raises(DataError):
         load_database(directory, database_url)
 
-    assert _table_names(database_url) == set()
+    assert (_table_names(database_url), _view_names(database_url)) == (set(), set())
 
 
 @pytest.mark.parametrize("n_columns", [N_FEATURES - 1, N_FEATURES + 1], ids=["fewer", "more"])

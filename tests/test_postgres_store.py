@@ -1,5 +1,6 @@
-"""User features served from PostgreSQL: the same answers as the embedded store, and behaviour
-when the database is missing at start or goes away while serving.
+"""User features served from PostgreSQL: the same answers as the embedded store, from the load
+the store started on whatever is loaded later, and behaviour when the database is missing at
+start or goes away while serving.
 
 The database "goes away" through a cuttable TCP proxy (``postgres_proxy``), never by stopping
 the PostgreSQL server that other tests share.
@@ -22,6 +23,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import (
     SMALL,
+    Client,
     Server,
     TcpProxy,
     answer_all,
@@ -30,13 +32,16 @@ from conftest import (
     running_server,
     through_proxy,
 )
+from psycopg import sql
 
+from recommender.api import create_app
+from recommender.contract import PARAMETERS
 from recommender.dataset.generate import generate
 from recommender.dataset.reader import DataError
 from recommender.features import StoreUnavailable
 from recommender.postgres.load import load_database
 from recommender.postgres.schema import libpq_url
-from recommender.postgres.store import PostgresStore
+from recommender.postgres.store import PostgresStore, read_database
 from recommender.service import Recommender, load_recommender
 from recommender.settings import Settings
 
@@ -108,8 +113,16 @@ async def _read_features(store: PostgresStore, user_id: str) -> np.ndarray | Non
         await store.close()
 
 
+def _pinned_store(url: str, timeout: float = 5.0, pool_size: int = 1) -> PostgresStore:
+    """A store reading the users table of the load ``url`` holds now, as a server does."""
+    users = read_database(url, wait_seconds=LIVENESS_TIMEOUT).users
+    return PostgresStore(
+        url, N_FEATURES, "float32", N_USERS, timeout=timeout, pool_size=pool_size, users=users
+    )
+
+
 def test_features_of_an_unknown_user_are_none(loaded_url: str) -> None:
-    store = PostgresStore(loaded_url, N_FEATURES, "float32", N_USERS, timeout=5.0, pool_size=1)
+    store = _pinned_store(loaded_url)
 
     assert asyncio.run(_read_features(store, "nobody")) is None
 
@@ -132,6 +145,187 @@ def test_a_database_loaded_for_another_model_is_refused_at_start(
         load_recommender(Settings(data_dir=other, store=loaded_url))
 
 
+# One load per store, whatever is loaded later.
+
+
+@pytest.fixture(scope="module")
+def second_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Another small data set: the same sizes and user ids, other features, restaurants, model."""
+    directory = tmp_path_factory.mktemp("second") / "small"
+    generate(directory, **{**SMALL, "seed": SMALL["seed"] + 1})
+    return directory
+
+
+def _file_feature_bytes(directory: Path) -> dict[str, bytes]:
+    """Each user's features in ``directory`` as a load stores them (float32 little-endian)."""
+    table = pq.read_table(directory / "user.parquet")
+    columns = [table.column(f"feature_{j}").to_numpy() for j in range(N_FEATURES)]
+    rows = np.column_stack(columns).astype("<f4")
+    ids = table.column("user_id").to_pylist()
+    return {user_id: row.tobytes() for user_id, row in zip(ids, rows, strict=True)}
+
+
+def _served_bytes(store: PostgresStore, user_ids: list[str]) -> dict[str, bytes | None]:
+    """Each user's feature bytes as ``store`` serves them."""
+
+    async def read_all() -> dict[str, bytes | None]:
+        await store.open()
+        try:
+            return {
+                user_id: await asyncio.wait_for(store.feature_bytes(user_id), CLIENT_TIMEOUT)
+                for user_id in user_ids
+            }
+        finally:
+            await store.close()
+
+    return asyncio.run(read_all())
+
+
+def _mismatches(answers: list[bytes], expected: list[bytes]) -> list[int]:
+    pairs = enumerate(zip(answers, expected, strict=True))
+    return [number for number, (answer, wanted) in pairs if answer != wanted]
+
+
+def test_a_store_answers_the_features_of_its_own_load_after_another_load(
+    loaded_url: str, data_dir: Path, second_data_dir: Path
+) -> None:
+    first, second = _file_feature_bytes(data_dir), _file_feature_bytes(second_data_dir)
+    assert first.keys() == second.keys() and first != second, "the loads must differ"
+    started_before = load_recommender(Settings(data_dir=data_dir, store=loaded_url)).store
+
+    load_database(second_data_dir, loaded_url)
+    started_after = load_recommender(Settings(data_dir=second_data_dir, store=loaded_url)).store
+
+    assert _served_bytes(started_before, list(first)) == first
+    assert _served_bytes(started_after, list(second)) == second
+
+
+def test_a_recommender_answers_as_before_after_another_load_until_it_is_reloaded(
+    loaded_url: str,
+    data_dir: Path,
+    second_data_dir: Path,
+    recommender: Recommender,
+    requests: list[dict],
+) -> None:
+    served = load_recommender(Settings(data_dir=data_dir, store=loaded_url))
+
+    load_database(second_data_dir, loaded_url)
+
+    assert _mismatches(answer_all(served, requests), answer_all(recommender, requests)) == []
+
+
+def test_a_server_answers_from_the_load_it_started_on_after_another_load(
+    loaded_url: str,
+    data_dir: Path,
+    second_data_dir: Path,
+    recommender: Recommender,
+    requests: list[dict],
+    tmp_path: Path,
+) -> None:
+    rows = requests[:N_REQUESTS]
+    options = ("--store", loaded_url, "--workers", "1")
+    with running_server(data_dir, tmp_path, *options, store_start_timeout="10") as server:
+        load_database(second_data_dir, loaded_url)
+        with local_client(CLIENT_TIMEOUT) as client:
+            answers = [
+                client.get(
+                    f"{server.url}/recommend/{row['user_id']}", params=_as_client_sends(row)
+                ).content
+                for row in rows
+            ]
+
+    assert _mismatches(answers, answer_all(recommender, rows)) == []
+
+
+def test_a_store_two_loads_behind_raises_store_unavailable(
+    loaded_url: str, data_dir: Path, second_data_dir: Path
+) -> None:
+    store = _pinned_store(loaded_url)
+    user_id, _ = _first_user(data_dir)
+
+    load_database(second_data_dir, loaded_url)
+    load_database(data_dir, loaded_url)
+
+    with pytest.raises(StoreUnavailable, match="UndefinedTable"):
+        asyncio.run(_read_features(store, user_id))
+
+
+def test_a_request_to_a_recommender_two_loads_behind_is_answered_503_with_retry_after(
+    loaded_url: str, data_dir: Path, second_data_dir: Path, requests: list[dict]
+) -> None:
+    served = load_recommender(Settings(data_dir=data_dir, store=loaded_url))
+    row = requests[0]
+
+    load_database(second_data_dir, loaded_url)
+    load_database(data_dir, loaded_url)
+    response = Client(create_app(served)).get(
+        f"/recommend/{row['user_id']}", params=_as_client_sends(row)
+    )
+
+    assert (response.status_code, response.headers.get("retry-after")) == (503, "1")
+    assert "unavailable" in response.json()["detail"]
+
+
+# A database loaded before users were kept per load.
+
+
+def _to_previous_layout(url: str) -> None:
+    """Turn a database after one load into the earlier layout: the users in a table ``users``."""
+    with psycopg.connect(url) as connection:
+        [(load_id,)] = connection.execute("SELECT load_id FROM dataset").fetchall()
+        connection.execute("DROP VIEW users")
+        loaded = sql.Identifier(f"users_{load_id}")
+        connection.execute(sql.SQL("ALTER TABLE {} RENAME TO users").format(loaded))
+
+
+def _relations(url: str) -> dict[str, str]:
+    """The tables and views of the database's schema, each with its kind."""
+    with psycopg.connect(url) as connection:
+        rows = connection.execute(
+            "SELECT table_name, table_type FROM information_schema.tables "
+            "WHERE table_schema = current_schema()"
+        ).fetchall()
+    return dict(rows)
+
+
+def test_a_database_of_the_previous_layout_is_served_as_the_embedded_store_serves(
+    loaded_url: str, data_dir: Path, recommender: Recommender, requests: list[dict]
+) -> None:
+    _to_previous_layout(loaded_url)
+    assert _relations(loaded_url)["users"] == "BASE TABLE"
+
+    served = load_recommender(Settings(data_dir=data_dir, store=loaded_url))
+
+    assert _mismatches(answer_all(served, requests), answer_all(recommender, requests)) == []
+
+
+def test_a_load_over_the_previous_layout_puts_the_users_in_a_table_of_their_own(
+    loaded_url: str, second_data_dir: Path
+) -> None:
+    _to_previous_layout(loaded_url)
+
+    summary = load_database(second_data_dir, loaded_url)
+
+    assert _relations(loaded_url) == {
+        "users": "VIEW",
+        f"users_{summary.load_id}": "BASE TABLE",
+        "restaurants": "BASE TABLE",
+        "dataset": "BASE TABLE",
+    }
+
+
+def test_a_store_started_after_a_load_over_the_previous_layout_answers_the_new_load(
+    loaded_url: str, second_data_dir: Path
+) -> None:
+    _to_previous_layout(loaded_url)
+    load_database(second_data_dir, loaded_url)
+    second = _file_feature_bytes(second_data_dir)
+
+    store = load_recommender(Settings(data_dir=second_data_dir, store=loaded_url)).store
+
+    assert _served_bytes(store, list(second)) == second
+
+
 # The store when PostgreSQL goes away.
 
 
@@ -142,8 +336,11 @@ def _first_user(data_dir: Path) -> tuple[str, np.ndarray]:
 
 
 def _proxied_store(loaded_url: str, proxy: TcpProxy) -> PostgresStore:
+    users = read_database(loaded_url, wait_seconds=LIVENESS_TIMEOUT).users
     url = through_proxy(loaded_url, proxy)
-    return PostgresStore(url, N_FEATURES, "float32", N_USERS, timeout=STORE_TIMEOUT, pool_size=2)
+    return PostgresStore(
+        url, N_FEATURES, "float32", N_USERS, timeout=STORE_TIMEOUT, pool_size=2, users=users
+    )
 
 
 def test_the_store_raises_store_unavailable_while_postgres_is_cut(
@@ -250,6 +447,10 @@ def _ask(server: Server, request: dict) -> int | str:
     if response.status_code == 503 and "detail" not in _json_object(response):
         return "503 without a JSON detail"
     return response.status_code
+
+
+def _as_client_sends(row: dict) -> dict[str, str]:
+    return {name: str(row[name]) for name in PARAMETERS}
 
 
 def _json_object(response: httpx.Response) -> dict:
@@ -396,13 +597,14 @@ def test_a_query_blocked_in_the_database_is_cancelled_by_the_statement_timeout(
 ) -> None:
     # The store's statement_timeout, not the client, must end a query that PostgreSQL holds:
     # nothing else would, and the request would wait for as long as the lock is held.
-    store = PostgresStore(loaded_url, N_FEATURES, "float32", N_USERS, timeout=0.3, pool_size=1)
+    store = _pinned_store(loaded_url, timeout=0.3)
     user_id, _ = _first_user(data_dir)
 
     async def read_while_locked() -> None:
         await store.open()
         try:
             with psycopg.connect(libpq_url(loaded_url)) as locker:
+                # Locking the view locks the load's users table behind it too.
                 locker.execute("LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
                 # A bound on waiting only, far above the timeout under test.
                 await asyncio.wait_for(store.features(user_id), LIVENESS_TIMEOUT)

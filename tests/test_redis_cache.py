@@ -1,5 +1,5 @@
-"""The Redis cache in front of PostgreSQL: cache-aside, raw values, warm-up in batches, outages,
-identical answers, and a Redis Cluster.
+"""The Redis cache in front of PostgreSQL: cache-aside, raw values, warm-up in batches, one load
+per server, outages, identical answers, and a Redis Cluster.
 
 Tests on the machine's Redis touch only keys of their own: every key carries the load id of a
 database load made for the test, and the test deletes those keys afterwards. Tests that stop
@@ -34,8 +34,10 @@ from sqlalchemy.engine import make_url
 import recommender.features.redis_cache as redis_cache
 from recommender.api import create_app
 from recommender.contract import PARAMETERS
+from recommender.dataset.generate import generate
 from recommender.features.redis_cache import CLUSTER_SCHEME, CachedStore, feature_key, warm
 from recommender.postgres.load import load_database
+from recommender.postgres.schema import load_users_name
 from recommender.postgres.store import iter_user_features
 from recommender.service import Recommender, load_recommender
 from recommender.settings import Settings
@@ -69,6 +71,11 @@ STORE_URL = "postgresql://postgres@127.0.0.1:5432/test"
 def _load_id(url: str) -> str:
     with psycopg.connect(url) as connection:
         return connection.execute("SELECT load_id FROM dataset").fetchone()[0]
+
+
+def _users_table(url: str) -> str:
+    """The users table of the load ``url`` holds now."""
+    return load_users_name(_load_id(url))
 
 
 def _stored_features(url: str) -> dict[str, bytes]:
@@ -211,6 +218,77 @@ def test_entries_of_an_earlier_load_are_never_read(
     assert np.array_equal(features, _file_features(data_dir, USER))
 
 
+# One load per server, cached or not.
+
+
+@pytest.fixture(scope="module")
+def second_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Another small data set: the same sizes and user ids, other features, restaurants, model."""
+    directory = tmp_path_factory.mktemp("second") / "small"
+    generate(directory, **{**SMALL, "seed": SMALL["seed"] + 1})
+    return directory
+
+
+def test_after_a_load_a_store_started_before_it_serves_its_own_loads_bytes_cached_or_not(
+    shared_redis: redis.Redis,
+    redis_server: str,
+    loaded_url: str,
+    data_dir: Path,
+    second_data_dir: Path,
+) -> None:
+    first = _stored_features(loaded_url)
+    users = sorted(first)
+    cached = users[: N_USERS // 2]
+    store = _cached_store(data_dir, loaded_url, redis_server)
+    _read(store, *cached)
+
+    load_database(second_data_dir, loaded_url)
+    second = _stored_features(loaded_url)
+    assert second.keys() == first.keys() and second != first, "the loads must differ"
+    served = _read(store, *users)
+
+    # The first half came from Redis, the second from PostgreSQL.
+    assert (store.hits, store.misses) == (len(cached), N_USERS)
+    as_stored = [features.astype(FEATURE_DTYPE).tobytes() for features in served]
+    assert dict(zip(users, as_stored, strict=True)) == first
+
+
+def test_entries_written_after_a_load_by_a_store_started_before_it_hold_its_own_loads_bytes(
+    shared_redis: redis.Redis,
+    redis_server: str,
+    loaded_url: str,
+    data_dir: Path,
+    second_data_dir: Path,
+) -> None:
+    first = _stored_features(loaded_url)
+    store = _cached_store(data_dir, loaded_url, redis_server)
+
+    load_database(second_data_dir, loaded_url)
+    _read(store, *first)
+
+    written = shared_redis.mget([_key(store, user_id) for user_id in first])
+    assert dict(zip(first, written, strict=True)) == first
+
+
+def test_a_warm_up_after_a_load_writes_the_bytes_of_the_load_its_keys_name(
+    shared_redis: redis.Redis,
+    redis_server: str,
+    loaded_url: str,
+    data_dir: Path,
+    second_data_dir: Path,
+) -> None:
+    # A server reads the dataset row, then warms the cache: a load may come in between.
+    first = _stored_features(loaded_url)
+    store = _cached_store(data_dir, loaded_url, redis_server)
+    load_database(second_data_dir, loaded_url)
+
+    batches = iter_user_features(loaded_url, BATCH_SIZE, store.store.users)
+    warm(redis_server, store.load_id, batches, TTL, CLIENT_TIMEOUT)
+
+    written = shared_redis.mget([_key(store, user_id) for user_id in first])
+    assert dict(zip(first, written, strict=True)) == first
+
+
 # Values: raw feature bytes, never pickle.
 
 
@@ -317,7 +395,13 @@ def test_warm_writes_every_users_stored_bytes(
 ) -> None:
     load_id = _load_id(loaded_url)
 
-    warm(redis_server, load_id, iter_user_features(loaded_url, BATCH_SIZE), TTL, CLIENT_TIMEOUT)
+    warm(
+        redis_server,
+        load_id,
+        iter_user_features(loaded_url, BATCH_SIZE, _users_table(loaded_url)),
+        TTL,
+        CLIENT_TIMEOUT,
+    )
 
     stored = _stored_features(loaded_url)
     cached = shared_redis.mget([feature_key(load_id, user_id) for user_id in stored])
@@ -327,7 +411,7 @@ def test_warm_writes_every_users_stored_bytes(
 def test_warm_returns_the_number_of_users_written(
     shared_redis: redis.Redis, redis_server: str, loaded_url: str
 ) -> None:
-    batches = iter_user_features(loaded_url, BATCH_SIZE)
+    batches = iter_user_features(loaded_url, BATCH_SIZE, _users_table(loaded_url))
 
     written = warm(redis_server, _load_id(loaded_url), batches, TTL, CLIENT_TIMEOUT)
 
@@ -339,7 +423,13 @@ def test_warm_gives_every_entry_the_ttl(
 ) -> None:
     load_id = _load_id(loaded_url)
 
-    warm(redis_server, load_id, iter_user_features(loaded_url, BATCH_SIZE), TTL, CLIENT_TIMEOUT)
+    warm(
+        redis_server,
+        load_id,
+        iter_user_features(loaded_url, BATCH_SIZE, _users_table(loaded_url)),
+        TTL,
+        CLIENT_TIMEOUT,
+    )
 
     ttls = [shared_redis.pttl(feature_key(load_id, user)) for user in _stored_features(loaded_url)]
     assert all(0 < ttl <= TTL * 1000 for ttl in ttls)
@@ -349,7 +439,7 @@ def test_warm_up_batches_never_exceed_the_batch_size(
     shared_redis: redis.Redis, redis_server: str, loaded_url: str
 ) -> None:
     sizes: list[int] = []
-    batches = _recorded(iter_user_features(loaded_url, BATCH_SIZE), sizes)
+    batches = _recorded(iter_user_features(loaded_url, BATCH_SIZE, _users_table(loaded_url)), sizes)
 
     warm(redis_server, _load_id(loaded_url), batches, TTL, CLIENT_TIMEOUT)
 
@@ -375,7 +465,7 @@ def test_warm_writes_each_batch_before_reading_the_next(
     warm(
         redis_server,
         load_id,
-        watched(iter_user_features(loaded_url, BATCH_SIZE)),
+        watched(iter_user_features(loaded_url, BATCH_SIZE, _users_table(loaded_url))),
         TTL,
         CLIENT_TIMEOUT,
     )
@@ -386,7 +476,8 @@ def test_warm_writes_each_batch_before_reading_the_next(
 def test_user_features_are_fetched_from_postgres_one_batch_at_a_time(loaded_url: str) -> None:
     name = f"batch-probe-{os.getpid()}-{time.monotonic_ns()}"
     url = make_url(loaded_url).update_query_dict({"application_name": name})
-    batches = iter_user_features(url.render_as_string(hide_password=False), BATCH_SIZE)
+    users = _users_table(loaded_url)
+    batches = iter_user_features(url.render_as_string(hide_password=False), BATCH_SIZE, users)
 
     next(batches)
     with psycopg.connect(loaded_url) as observer:
@@ -742,7 +833,13 @@ def test_warm_fills_a_cluster_cache_with_every_users_stored_bytes(
 ) -> None:
     load_id = _load_id(loaded_url)
 
-    warm(redis_cluster, load_id, iter_user_features(loaded_url, BATCH_SIZE), TTL, CLIENT_TIMEOUT)
+    warm(
+        redis_cluster,
+        load_id,
+        iter_user_features(loaded_url, BATCH_SIZE, _users_table(loaded_url)),
+        TTL,
+        CLIENT_TIMEOUT,
+    )
 
     stored = _stored_features(loaded_url)
     cluster = _cluster_client(redis_cluster)
@@ -757,7 +854,7 @@ def test_answers_through_a_warmed_cluster_cache_are_identical_to_answers_without
     redis_cluster: str, loaded_url: str, data_dir: Path, requests: list[dict]
 ) -> None:
     cached = _cached_recommender(data_dir, loaded_url, redis_cluster)
-    batches = iter_user_features(loaded_url, BATCH_SIZE)
+    batches = iter_user_features(loaded_url, BATCH_SIZE, _users_table(loaded_url))
     warm(redis_cluster, cached.store.load_id, batches, TTL, CLIENT_TIMEOUT)
 
     answers = answer_all(cached, requests)

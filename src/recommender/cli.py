@@ -228,7 +228,7 @@ def _setting_options(
 
 
 def _serve(arguments: argparse.Namespace) -> int:
-    from recommender.observability import configure_logging
+    from recommender.observability import MetricsDirectoryBusy, configure_logging
     from recommender.server import serve
 
     settings = _settings(arguments)
@@ -242,7 +242,11 @@ def _serve(arguments: argparse.Namespace) -> int:
             _warm(settings, recommender.store)
         return recommender
 
-    serve(load, settings)
+    try:
+        serve(load, settings)
+    except MetricsDirectoryBusy as error:
+        log.error("%s", error)
+        return 2
     return 0
 
 
@@ -294,7 +298,7 @@ def _warm(settings: Settings, store: CachedStore) -> bool:
         written = warm(
             settings.cache,
             store.load_id,
-            iter_user_features(settings.store, settings.cache_warm_batch),
+            iter_user_features(settings.store, settings.cache_warm_batch, store.store.users),
             ttl=settings.cache_ttl,
             timeout=max(settings.cache_timeout, 5.0),
             progress=_every(10, log.info),

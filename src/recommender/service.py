@@ -182,9 +182,10 @@ def _load_embedded(
 def _load_postgres(
     settings: Settings, model: TasteModel, metrics: Metrics
 ) -> tuple[Catalog, FeatureStore, str]:
-    # Limitation: restaurants are read once here; a later `db load` of other restaurants
-    # reaches a running server only when it restarts.
-    dataset, restaurants, cells = read_database(settings.store, settings.store_start_timeout)
+    # One load, read once: the restaurants, the dataset row and the name of the load's own
+    # users table. A later `db load` reaches this server when it is reloaded (SIGHUP).
+    loaded = read_database(settings.store, settings.store_start_timeout)
+    dataset, restaurants = loaded.dataset, loaded.restaurants
     if (dataset["n_model_rows"], dataset["n_features"]) != (model.n_rows, model.n_features):
         raise DataError(
             f"the database was loaded for a model of {dataset['n_model_rows']} restaurants x "
@@ -199,7 +200,7 @@ def _load_postgres(
         restaurants.latitude,
         restaurants.longitude,
         model,
-        cells=cells,
+        cells=loaded.cells,
     )
     store = PostgresStore(
         settings.store,
@@ -208,6 +209,7 @@ def _load_postgres(
         n_users=dataset["n_users"],
         timeout=settings.store_timeout,
         pool_size=settings.store_pool_size,
+        users=loaded.users,
     )
     # A database loaded before data versions were recorded is known by its load id.
     version = dataset["data_sha256"] or f"load-{dataset['load_id']}"

@@ -1,12 +1,18 @@
 """Bulk-loading a data directory into PostgreSQL with COPY, swapped in atomically.
 
-Everything happens in one transaction: fresh tables under a unique suffix are created with
-their keys and indexes, filled with COPY, then renamed over the live ones. A server reading
-during the load keeps seeing the previous data until the commit, and a failed load leaves the
-database as it was.
+Everything happens in one transaction: fresh tables under a new load id are created with their
+keys and indexes and filled with COPY. Then ``restaurants`` and ``dataset`` are renamed over the
+live ones, while the users stay in their table ``users_<load id>`` and the view ``users`` is
+pointed at it. A server reading during the load keeps seeing the previous data until the
+commit, and a failed load leaves the database as it was.
+
+A server reads the users table of the load it started on until it is reloaded, so a load keeps
+the previous load's users table for the servers still on it and drops older ones. A server two
+loads behind finds its table gone and answers 503 until it is reloaded.
 """
 
 import datetime
+import re
 import time
 import uuid
 from collections.abc import Callable
@@ -41,6 +47,7 @@ from recommender.postgres.schema import (
     USERS,
     dataset_table,
     engine_for,
+    load_users_name,
     restaurants_table,
     safe_url,
     users_table,
@@ -52,12 +59,17 @@ _LOAD_LOCK = 0x7265636F6D
 _SWAP_LOCK_WAIT = "200ms"
 _SWAP_PAUSE_SECONDS = 0.5
 _SWAP_ATTEMPTS = 250
+# A load id is this many lowercase hexadecimal digits.
+_LOAD_ID_DIGITS = 10
+# The users tables loads create; only tables named exactly so are ever dropped.
+_LOAD_USERS_NAME = re.compile(rf"{USERS}_[0-9a-f]{{{_LOAD_ID_DIGITS}}}")
 
 
 @dataclass
 class LoadSummary:
     """What a load wrote and skipped."""
 
+    load_id: str = ""
     n_users: int = 0
     n_restaurants: int = 0
     n_features: int = 0
@@ -89,12 +101,12 @@ def load_database(
     dtype = user_feature_dtype(users_file, model.n_features)
     n_rows = count_rows(users_file)
 
-    suffix = uuid.uuid4().hex[:10]
+    load_id = uuid.uuid4().hex[:_LOAD_ID_DIGITS]
     metadata = MetaData()
     staged = {
-        USERS: users_table(f"{USERS}_{suffix}", metadata),
-        RESTAURANTS: restaurants_table(f"{RESTAURANTS}_{suffix}", metadata),
-        DATASET: dataset_table(f"{DATASET}_{suffix}", metadata),
+        USERS: users_table(load_users_name(load_id), metadata),
+        RESTAURANTS: restaurants_table(f"{RESTAURANTS}_{load_id}", metadata),
+        DATASET: dataset_table(f"{DATASET}_{load_id}", metadata),
     }
     checks = UserChecks(users_file.name)
     engine = engine_for(url)
@@ -135,7 +147,7 @@ def load_database(
 
             connection.execute(
                 insert(staged[DATASET]).values(
-                    load_id=suffix,
+                    load_id=load_id,
                     n_features=model.n_features,
                     feature_dtype=dtype.name,
                     n_model_rows=model.n_rows,
@@ -145,7 +157,7 @@ def load_database(
                     data_sha256=version,
                 )
             )
-            _swap_into_place(connection, raw, staged, suffix)
+            _swap_into_place(connection, raw, staged, load_id)
     except (psycopg.Error, DBAPIError) as error:
         reason = getattr(error, "orig", None) or error
         raise DataError(f"cannot load into {safe_url(url)}: {reason}") from error
@@ -153,6 +165,7 @@ def load_database(
         engine.dispose()
 
     return LoadSummary(
+        load_id=load_id,
         n_users=n_users,
         n_restaurants=len(restaurants),
         n_features=model.n_features,
@@ -167,19 +180,21 @@ def _copy_statement(table, columns: list[str]) -> sql.Composed:
     )
 
 
-def _swap_into_place(connection, raw: psycopg.Connection, staged: dict, suffix: str) -> None:
-    """Rename the staged tables over the live ones, waiting politely for the locks.
+def _swap_into_place(connection, raw: psycopg.Connection, staged: dict, load_id: str) -> None:
+    """Put the staged tables in place of the live ones, waiting politely for the locks.
 
-    Renaming needs an exclusive lock, and every reader queues behind a waiting one. So each
-    attempt waits only briefly (a long reader, such as a cache warm-up, makes it give way and
-    try again) and readers are never held up for longer than that.
+    ``restaurants`` and ``dataset`` are renamed over, the view ``users`` is pointed at the new
+    users table, and the users tables of loads before the previous one are dropped. Each of
+    these needs an exclusive lock, and every reader queues behind a waiting one. So each attempt
+    waits only briefly (a long reader, such as a cache warm-up, makes it give way and try again)
+    and readers are never held up for longer than that.
     """
-    existing = set(inspect(connection).get_table_names())
+    live = set(inspect(connection).get_table_names())
     for _ in range(_SWAP_ATTEMPTS):
         raw.execute("SAVEPOINT swap")
         raw.execute("SELECT set_config('lock_timeout', %s, true)", (_SWAP_LOCK_WAIT,))
         try:
-            _rename_all(raw, staged, existing, suffix)
+            _swap(raw, staged, live, load_id)
         except psycopg.errors.LockNotAvailable:
             raw.execute("ROLLBACK TO SAVEPOINT swap")
             time.sleep(_SWAP_PAUSE_SECONDS)
@@ -192,12 +207,33 @@ def _swap_into_place(connection, raw: psycopg.Connection, staged: dict, suffix: 
     )
 
 
-def _rename_all(raw: psycopg.Connection, staged: dict, existing: set[str], suffix: str) -> None:
+def _swap(raw: psycopg.Connection, staged: dict, live: set[str], load_id: str) -> None:
+    kept = {staged[USERS].name}
+    if DATASET in live:
+        query = sql.SQL("SELECT load_id FROM {}").format(sql.Identifier(DATASET))
+        kept.update(load_users_name(previous) for (previous,) in raw.execute(query))
+
+    # Locks are taken in the order readers take them (the users, then the dataset, then the
+    # restaurants): no reader then holds a lock the swap waits for while waiting for one it holds.
+    drop = sql.SQL("DROP TABLE {}")
+    # A database loaded before users were kept per load holds them in a table of that name.
+    if USERS in live:
+        raw.execute(drop.format(sql.Identifier(USERS)))
+    raw.execute(
+        sql.SQL("CREATE OR REPLACE VIEW {} AS SELECT * FROM {}").format(
+            sql.Identifier(USERS), sql.Identifier(staged[USERS].name)
+        )
+    )
     rename = sql.SQL("ALTER TABLE {} RENAME TO {}")
-    for live, table in staged.items():
-        retired = f"{live}_retired_{suffix}"
-        if live in existing:
-            raw.execute(rename.format(sql.Identifier(live), sql.Identifier(retired)))
-        raw.execute(rename.format(sql.Identifier(table.name), sql.Identifier(live)))
-        if live in existing:
-            raw.execute(sql.SQL("DROP TABLE {}").format(sql.Identifier(retired)))
+    for name in (DATASET, RESTAURANTS):
+        retired = f"{name}_retired_{load_id}"
+        if name in live:
+            raw.execute(rename.format(sql.Identifier(name), sql.Identifier(retired)))
+        raw.execute(rename.format(sql.Identifier(staged[name].name), sql.Identifier(name)))
+        if name in live:
+            raw.execute(drop.format(sql.Identifier(retired)))
+
+    # Servers on the previous load go on reading its table; older loads' tables go.
+    for name in sorted(live):
+        if _LOAD_USERS_NAME.fullmatch(name) and name not in kept:
+            raw.execute(drop.format(sql.Identifier(name)))

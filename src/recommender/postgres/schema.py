@@ -1,7 +1,9 @@
 """The database schema, defined once as SQLAlchemy Core tables.
 
-Each load writes fresh tables under a unique suffix and renames them into place in the same
-transaction, so the functions here build a table under any name.
+Each load writes fresh tables under its load id: ``restaurants`` and ``dataset`` are renamed
+into place, while the users stay in ``users_<load id>`` so that a server keeps reading the users
+of the load it started on; ``users`` is a view of the newest load's. The functions here build a
+table under any name.
 """
 
 from sqlalchemy import (
@@ -20,6 +22,11 @@ from sqlalchemy.engine import Engine, make_url
 USERS = "users"
 RESTAURANTS = "restaurants"
 DATASET = "dataset"
+
+
+def load_users_name(load_id: str) -> str:
+    """The name of the table holding the user features of the load ``load_id``."""
+    return f"{USERS}_{load_id}"
 
 
 def users_table(name: str = USERS, metadata: MetaData | None = None) -> Table:

@@ -1,7 +1,14 @@
-"""User features read from PostgreSQL per request, and restaurants read once at start."""
+"""User features read from PostgreSQL per request, and restaurants read once at start.
+
+A server reads the users table of the load it started on (``users_<load id>``), never the
+``users`` view that follows the newest load, so its answers come from one load until it is
+reloaded. ``db load`` keeps the previous load's table; a server two loads behind finds its table
+gone and its requests are answered 503 until it is reloaded.
+"""
 
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import psycopg
@@ -15,12 +22,17 @@ from recommender.dataset.reader import DataError, RestaurantTable
 from recommender.features import StoredFeaturesInvalid, StoreUnavailable
 from recommender.postgres.schema import (
     DATASET,
+    RESTAURANTS,
+    USERS,
     engine_for,
     libpq_url,
+    load_users_name,
     restaurants_table,
     safe_url,
     users_table,
 )
+
+_NOT_LOADED = "the database holds no loaded data; run `recommender db load` first"
 
 
 class DatabaseUnreachable(DataError):
@@ -42,10 +54,21 @@ class PostgresStore:
         Seconds a request may wait for a connection or for its query.
     pool_size : int
         Most connections this process keeps open.
+    users : str
+        The table the user features are read from: that of the load the server started on
+        (``read_database`` names it). The second ``db load`` after that one drops it; every read
+        then raises ``StoreUnavailable`` until the server is reloaded.
     """
 
     def __init__(
-        self, url: str, n_features: int, dtype: str, n_users: int, timeout: float, pool_size: int
+        self,
+        url: str,
+        n_features: int,
+        dtype: str,
+        n_users: int,
+        timeout: float,
+        pool_size: int,
+        users: str,
     ) -> None:
         self.url = libpq_url(url)
         self.n_features = n_features
@@ -53,9 +76,10 @@ class PostgresStore:
         self.dtype = np.dtype(dtype).newbyteorder("<")
         self.timeout = timeout
         self.pool_size = pool_size
+        self.users = users
         self._pool: psycopg_pool.AsyncConnectionPool | None = None
-        users = users_table()
-        query = select(users.c.features).where(users.c.user_id == bindparam("user_id"))
+        table = users_table(users)
+        query = select(table.c.features).where(table.c.user_id == bindparam("user_id"))
         self._query = str(query.compile(dialect=psycopg_dialect()))
 
     async def open(self) -> None:
@@ -94,7 +118,8 @@ class PostgresStore:
         Raises
         ------
         StoreUnavailable
-            If PostgreSQL cannot be reached or does not answer within the timeout.
+            If PostgreSQL cannot be reached or does not answer within the timeout, or no longer
+            holds the users of this store's load.
         """
         value = await self.feature_bytes(user_id)
         return None if value is None else self.decode(value, user_id)
@@ -129,13 +154,15 @@ class PostgresStore:
         )
 
 
-def iter_user_features(url: str, batch_size: int) -> Iterator[list[tuple[str, bytes]]]:
-    """Every user's stored feature bytes, in batches, through a server-side cursor.
+def iter_user_features(url: str, batch_size: int, users: str) -> Iterator[list[tuple[str, bytes]]]:
+    """Every user's stored feature bytes in the table ``users``, in batches, through a
+    server-side cursor.
 
-    Only one batch is in memory at a time, whatever the number of users.
+    Only one batch is in memory at a time, whatever the number of users. A cache warm-up passes
+    the table of the load whose id its keys carry.
     """
-    users = users_table()
-    query = str(select(users.c.user_id, users.c.features).compile(dialect=psycopg_dialect()))
+    table = users_table(users)
+    query = str(select(table.c.user_id, table.c.features).compile(dialect=psycopg_dialect()))
     with psycopg.connect(libpq_url(url)) as connection:
         with connection.cursor(name="recommender_user_features") as cursor:
             cursor.itersize = batch_size
@@ -144,8 +171,30 @@ def iter_user_features(url: str, batch_size: int) -> Iterator[list[tuple[str, by
                 yield [(user_id, bytes(value)) for user_id, value in rows]
 
 
-def read_database(url: str, wait_seconds: float) -> tuple[dict, RestaurantTable, np.ndarray]:
-    """The dataset description, the restaurants and their H3 cells, waiting for PostgreSQL.
+@dataclass(frozen=True)
+class LoadedData:
+    """What a server reads from the database at start, all of one load.
+
+    Attributes
+    ----------
+    dataset : dict
+        The ``dataset`` row: load id, data version, feature count and type, counts.
+    users : str
+        The table holding this load's user features.
+    restaurants : RestaurantTable
+    cells : ndarray of shape (n_restaurants,), dtype uint64
+        Each restaurant's H3 cell.
+    """
+
+    dataset: dict
+    users: str
+    restaurants: RestaurantTable
+    cells: np.ndarray
+
+
+def read_database(url: str, wait_seconds: float) -> LoadedData:
+    """The current load's description, users table, restaurants and their H3 cells, waiting
+    for PostgreSQL.
 
     Raises
     ------
@@ -172,14 +221,16 @@ def read_database(url: str, wait_seconds: float) -> tuple[dict, RestaurantTable,
         engine.dispose()
 
 
-def _read(connection: Connection) -> tuple[dict, RestaurantTable, np.ndarray]:
-    names = set(inspect(connection).get_table_names())
-    if not {"dataset", "restaurants", "users"} <= names:
-        raise DataError("the database holds no loaded data; run `recommender db load` first")
+def _read(connection: Connection) -> LoadedData:
+    if not {DATASET, RESTAURANTS} <= set(inspect(connection).get_table_names()):
+        raise DataError(_NOT_LOADED)
     # Every column there is: a database loaded by an older version lacks the newer ones.
     described = Table(DATASET, MetaData(), autoload_with=connection)
+    # Reading the table locks it until this transaction ends: no load can swap in another
+    # (nor drop this load's users table) before the restaurants have been read.
     dataset = dict(connection.execute(select(described)).mappings().one())
     dataset.setdefault("data_sha256", None)
+    users = _users_of(connection, dataset["load_id"])
     restaurants = restaurants_table()
     rows = connection.execute(
         select(
@@ -197,4 +248,18 @@ def _read(connection: Connection) -> tuple[dict, RestaurantTable, np.ndarray]:
         latitude=np.array(columns[2], dtype=np.float64),
         longitude=np.array(columns[3], dtype=np.float64),
     )
-    return dict(dataset), table, np.array(columns[4], dtype=np.int64).astype(np.uint64)
+    cells = np.array(columns[4], dtype=np.int64).astype(np.uint64)
+    return LoadedData(dataset=dataset, users=users, restaurants=table, cells=cells)
+
+
+def _users_of(connection: Connection, load_id: str) -> str:
+    """The users table of the load ``load_id``."""
+    tables = inspect(connection).get_table_names()
+    if load_users_name(load_id) in tables:
+        return load_users_name(load_id)
+    # Limitation: a database loaded before users were kept per load has only a ``users`` table;
+    # a server started on it reads ``users`` by name, and so reads the next load's users as soon
+    # as that load is committed, until the server is reloaded.
+    if USERS in tables:
+        return USERS
+    raise DataError(_NOT_LOADED)
