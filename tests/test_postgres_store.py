@@ -613,3 +613,22 @@ def test_a_query_blocked_in_the_database_is_cancelled_by_the_statement_timeout(
 
     with pytest.raises(StoreUnavailable, match="QueryCanceled"):
         asyncio.run(read_while_locked())
+
+
+@pytest.mark.parametrize(
+    ("change", "complaint"),
+    [
+        ("DELETE FROM dataset", "holds 0 rows"),
+        ("INSERT INTO dataset SELECT * FROM dataset", "holds 2 rows"),
+        ("UPDATE dataset SET data_sha256 = E'abc\\r\\nSet-Cookie: x=1'", "is not a SHA-256"),
+    ],
+    ids=["no-row", "two-rows", "header-in-version"],
+)
+def test_a_dataset_description_that_is_not_one_sane_row_is_refused_at_start(
+    loaded_url: str, data_dir: Path, change: str, complaint: str
+) -> None:
+    with psycopg.connect(libpq_url(loaded_url), autocommit=True) as connection:
+        connection.execute(change)
+
+    with pytest.raises(DataError, match=complaint):
+        load_recommender(Settings(data_dir=data_dir, store=loaded_url))

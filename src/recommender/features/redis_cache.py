@@ -2,7 +2,8 @@
 
 Values are the store's raw feature bytes, checked for length on every read: nothing read from
 Redis is ever unpickled or evaluated. Keys carry the id of the database load they came from,
-and a TTL, so a reload reaches the service once entries expire (or at once after a restart).
+so a server only ever reads entries of the load it serves, and a TTL, so that entries of loads
+no longer served expire.
 
 When Redis fails, requests go to the store directly (slower, still correct) and the cache is
 tried again after a short pause; ``status`` reports the cache as degraded meanwhile.

@@ -6,6 +6,7 @@ reloaded. ``db load`` keeps the previous load's table; a server two loads behind
 gone and its requests are answered 503 until it is reloaded.
 """
 
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -221,6 +222,21 @@ def read_database(url: str, wait_seconds: float) -> LoadedData:
         engine.dispose()
 
 
+_LOAD_ID = re.compile(r"[0-9a-zA-Z_-]{1,64}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _checked_dataset(dataset: dict) -> dict:
+    # The load id and data version go into table names, cache keys and response headers.
+    dataset.setdefault("data_sha256", None)
+    if not _LOAD_ID.fullmatch(str(dataset["load_id"])):
+        raise DataError(f"the dataset table's load_id {dataset['load_id']!r} is not a load id")
+    version = dataset["data_sha256"]
+    if version is not None and not _SHA256.fullmatch(version):
+        raise DataError(f"the dataset table's data_sha256 {version!r} is not a SHA-256")
+    return dataset
+
+
 def _read(connection: Connection) -> LoadedData:
     if not {DATASET, RESTAURANTS} <= set(inspect(connection).get_table_names()):
         raise DataError(_NOT_LOADED)
@@ -228,8 +244,13 @@ def _read(connection: Connection) -> LoadedData:
     described = Table(DATASET, MetaData(), autoload_with=connection)
     # Reading the table locks it until this transaction ends: no load can swap in another
     # (nor drop this load's users table) before the restaurants have been read.
-    dataset = dict(connection.execute(select(described)).mappings().one())
-    dataset.setdefault("data_sha256", None)
+    rows = connection.execute(select(described)).mappings().all()
+    if len(rows) != 1:
+        raise DataError(
+            f"the dataset table holds {len(rows)} rows where one describes the load; "
+            "run `recommender db load` again"
+        )
+    dataset = _checked_dataset(dict(rows[0]))
     users = _users_of(connection, dataset["load_id"])
     restaurants = restaurants_table()
     rows = connection.execute(
