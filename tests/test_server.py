@@ -326,7 +326,7 @@ def test_a_second_server_on_the_same_metrics_directory_is_refused_and_counts_sur
         assert _recommend_count(metrics) == 3
 
 
-@pytest.mark.parametrize("header_bytes", [100_000, 5_000_000])
+@pytest.mark.parametrize("header_bytes", [70_000, 200_000, 5_000_000])
 def test_a_request_head_over_64_kib_is_refused_with_431_and_the_worker_answers_on(
     server: Server, header_bytes: int
 ) -> None:
@@ -335,8 +335,8 @@ def test_a_request_head_over_64_kib_is_refused_with_431_and_the_worker_answers_o
         connection.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: ")
         answer = b""
         with contextlib.suppress(ConnectionError):
-            for _ in range(header_bytes // 65_536):
-                connection.sendall(b"a" * 65_536)
+            for start in range(0, header_bytes, 16_384):
+                connection.sendall(b"a" * min(16_384, header_bytes - start))
         with contextlib.suppress(ConnectionError):
             while chunk := connection.recv(4096):
                 answer += chunk
@@ -352,3 +352,16 @@ def test_a_request_head_of_a_few_kib_is_answered(server: Server) -> None:
         response = client.get(f"{server.url}/healthz", headers={"X-Trace": "t" * 8000})
 
     assert response.status_code == 200
+
+
+def test_the_head_bound_counts_each_request_of_a_kept_alive_connection_alone(
+    server: Server,
+) -> None:
+    # Twenty heads of 8 KiB on one connection: 160 KiB in all, each far below the bound.
+    with local_client() as client:
+        statuses = [
+            client.get(f"{server.url}/healthz", headers={"X-Trace": "t" * 8192}).status_code
+            for _ in range(20)
+        ]
+
+    assert statuses == [200] * 20

@@ -67,8 +67,10 @@ class _BoundedHead(HttpToolsProtocol):
                 return
         super().data_received(data)
 
-    def on_message_begin(self) -> None:
-        super().on_message_begin()
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        # Counting starts over for the next request on this connection. (Not at the next
+        # request's beginning: the parser reports that in the middle of bytes already counted.)
         self._in_head, self._head_bytes = True, 0
 
     def on_headers_complete(self) -> None:
