@@ -20,10 +20,10 @@ from fastapi import FastAPI
 from sqlalchemy.engine import make_url
 
 # Helpers the fault drills share with the tests; the tests import them from here.
+from recommender.bench.faults import answer_rows as answer_rows
 from recommender.bench.proxy import TcpProxy
 from recommender.bench.proxy import through_proxy as through_proxy
 from recommender.bench.services import RedisProcess, RedisServerMissing, free_port, private_schema
-from recommender.contract import parse_query, render
 from recommender.dataset.generate import generate
 from recommender.postgres.load import load_database
 from recommender.service import Recommender, load_recommender
@@ -175,26 +175,6 @@ def _wait_for_cluster(port: int) -> None:
             return
         time.sleep(0.1)
     raise RuntimeError("the Redis Cluster did not become ready")
-
-
-def answer_all(recommender: Recommender, rows: list[dict]) -> list[bytes]:
-    """The rendered answer to each request row, with the recommender's store opened once."""
-
-    async def answer() -> list[bytes]:
-        await recommender.store.open()
-        try:
-            return [
-                render(
-                    await recommender.recommend(
-                        row["user_id"], parse_query(row, recommender.limits)
-                    )
-                )
-                for row in rows
-            ]
-        finally:
-            await recommender.store.close()
-
-    return asyncio.run(answer())
 
 
 class Client:

@@ -18,7 +18,7 @@ from conftest import (
     RedisProcess,
     Server,
     TcpProxy,
-    answer_all,
+    answer_rows,
     start_redis,
     start_server,
     stop_server,
@@ -53,7 +53,7 @@ def paths(data_dir: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def expected(recommender: Recommender, requests: list[dict]) -> list[bytes]:
     """The answer to each request row from the small data."""
-    return answer_all(recommender, requests)
+    return answer_rows(recommender, requests)
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,7 @@ def other_expected(
 ) -> list[bytes]:
     """The answer to each request row (of the small data) from the other data set."""
     settings = Settings(data_dir=other_data_dir, prepared_dir=tmp_path_factory.mktemp("prepared"))
-    return answer_all(load_recommender(settings), requests)
+    return answer_rows(load_recommender(settings), requests)
 
 
 def _copy(data_dir: Path, target: Path) -> Path:

@@ -26,7 +26,7 @@ from conftest import (
     Client,
     Server,
     TcpProxy,
-    answer_all,
+    answer_rows,
     free_port,
     local_client,
     running_server,
@@ -35,6 +35,7 @@ from conftest import (
 from psycopg import sql
 
 from recommender.api import create_app
+from recommender.bench.server import worker_pids
 from recommender.contract import PARAMETERS
 from recommender.dataset.generate import generate
 from recommender.dataset.reader import DataError
@@ -82,9 +83,9 @@ def test_postgres_answers_every_request_byte_for_byte_as_the_embedded_store(
         load_database(data_dir, database_url)
     served = load_recommender(Settings(data_dir=data_dir, store=database_url))
 
-    answers = answer_all(served, requests)
+    answers = answer_rows(served, requests)
 
-    expected = answer_all(recommender, requests)
+    expected = answer_rows(recommender, requests)
     mismatches = [
         number
         for number, (answer, wanted) in enumerate(zip(answers, expected, strict=True))
@@ -211,7 +212,7 @@ def test_a_recommender_answers_as_before_after_another_load_until_it_is_reloaded
 
     load_database(second_data_dir, loaded_url)
 
-    assert _mismatches(answer_all(served, requests), answer_all(recommender, requests)) == []
+    assert _mismatches(answer_rows(served, requests), answer_rows(recommender, requests)) == []
 
 
 def test_a_server_answers_from_the_load_it_started_on_after_another_load(
@@ -234,7 +235,7 @@ def test_a_server_answers_from_the_load_it_started_on_after_another_load(
                 for row in rows
             ]
 
-    assert _mismatches(answers, answer_all(recommender, rows)) == []
+    assert _mismatches(answers, answer_rows(recommender, rows)) == []
 
 
 def test_a_store_two_loads_behind_raises_store_unavailable(
@@ -296,7 +297,7 @@ def test_a_database_of_the_previous_layout_is_served_as_the_embedded_store_serve
 
     served = load_recommender(Settings(data_dir=data_dir, store=loaded_url))
 
-    assert _mismatches(answer_all(served, requests), answer_all(recommender, requests)) == []
+    assert _mismatches(answer_rows(served, requests), answer_rows(recommender, requests)) == []
 
 
 def test_a_load_over_the_previous_layout_puts_the_users_in_a_table_of_their_own(
@@ -394,16 +395,7 @@ def test_the_store_answers_again_once_postgres_comes_back(
 
 
 def _worker_pids(server: Server) -> set[int]:
-    """The processes whose parent is the server's master, read from /proc."""
-    children = set()
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[1]) == server.process.pid:
-            children.add(int(stat.parent.name))
-    return children
+    return worker_pids(server.process.pid)
 
 
 def _wait_for_workers(server: Server) -> None:

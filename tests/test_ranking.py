@@ -235,13 +235,13 @@ def test_recommender_gives_the_reference_answer_on_every_request(
     user_features: dict[str, np.ndarray],
     requests: list[dict],
 ) -> None:
-    async def answer_all() -> list:
+    async def answer_rows() -> list:
         return [
             await recommender.recommend(request["user_id"], query_for(request))
             for request in requests
         ]
 
-    answers = asyncio.run(answer_all())
+    answers = asyncio.run(answer_rows())
 
     mismatches = {
         number: disagreement(

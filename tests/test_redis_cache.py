@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 import pytest
 import redis
 import redis.cluster
-from conftest import SMALL, RedisProcess, answer_all, free_port, local_client, running_server
+from conftest import SMALL, RedisProcess, answer_rows, free_port, local_client, running_server
 from pydantic import ValidationError
 from sqlalchemy.engine import make_url
 
@@ -384,6 +384,11 @@ def test_the_cache_module_imports_no_deserialiser() -> None:
 # Warm-up in bounded batches.
 
 
+def _batches(loaded_url: str) -> Iterator[list]:
+    """The loaded users in warm-up batches, from the table of the load in ``loaded_url``."""
+    return iter_user_features(loaded_url, BATCH_SIZE, _users_table(loaded_url))
+
+
 def _recorded(batches: Iterable[list], sizes: list[int]) -> Iterator[list]:
     for batch in batches:
         sizes.append(len(batch))
@@ -398,7 +403,7 @@ def test_warm_writes_every_users_stored_bytes(
     warm(
         redis_server,
         load_id,
-        iter_user_features(loaded_url, BATCH_SIZE, _users_table(loaded_url)),
+        _batches(loaded_url),
         TTL,
         CLIENT_TIMEOUT,
     )
@@ -411,7 +416,7 @@ def test_warm_writes_every_users_stored_bytes(
 def test_warm_returns_the_number_of_users_written(
     shared_redis: redis.Redis, redis_server: str, loaded_url: str
 ) -> None:
-    batches = iter_user_features(loaded_url, BATCH_SIZE, _users_table(loaded_url))
+    batches = _batches(loaded_url)
 
     written = warm(redis_server, _load_id(loaded_url), batches, TTL, CLIENT_TIMEOUT)
 
@@ -426,7 +431,7 @@ def test_warm_gives_every_entry_the_ttl(
     warm(
         redis_server,
         load_id,
-        iter_user_features(loaded_url, BATCH_SIZE, _users_table(loaded_url)),
+        _batches(loaded_url),
         TTL,
         CLIENT_TIMEOUT,
     )
@@ -439,7 +444,7 @@ def test_warm_up_batches_never_exceed_the_batch_size(
     shared_redis: redis.Redis, redis_server: str, loaded_url: str
 ) -> None:
     sizes: list[int] = []
-    batches = _recorded(iter_user_features(loaded_url, BATCH_SIZE, _users_table(loaded_url)), sizes)
+    batches = _recorded(_batches(loaded_url), sizes)
 
     warm(redis_server, _load_id(loaded_url), batches, TTL, CLIENT_TIMEOUT)
 
@@ -465,7 +470,7 @@ def test_warm_writes_each_batch_before_reading_the_next(
     warm(
         redis_server,
         load_id,
-        watched(iter_user_features(loaded_url, BATCH_SIZE, _users_table(loaded_url))),
+        watched(_batches(loaded_url)),
         TTL,
         CLIENT_TIMEOUT,
     )
@@ -563,7 +568,7 @@ def test_serve_with_an_unreachable_cache_starts_answers_and_warns(
 
 
 def _uncached_answers(data_dir: Path, url: str, rows: list[dict]) -> list[bytes]:
-    return answer_all(load_recommender(Settings(data_dir=data_dir, store=url)), rows)
+    return answer_rows(load_recommender(Settings(data_dir=data_dir, store=url)), rows)
 
 
 def _mismatches(answers: list[bytes], expected: list[bytes]) -> list[int]:
@@ -580,8 +585,8 @@ def test_answers_with_the_cache_are_identical_to_answers_without_it(
 ) -> None:
     cached = _cached_recommender(data_dir, loaded_url, redis_server)
 
-    cold = answer_all(cached, requests)
-    warmed = answer_all(cached, requests)
+    cold = answer_rows(cached, requests)
+    warmed = answer_rows(cached, requests)
 
     # Each user was read from PostgreSQL once; every other answer came from Redis.
     assert cached.store.misses == len({row["user_id"] for row in requests})
@@ -836,7 +841,7 @@ def test_warm_fills_a_cluster_cache_with_every_users_stored_bytes(
     warm(
         redis_cluster,
         load_id,
-        iter_user_features(loaded_url, BATCH_SIZE, _users_table(loaded_url)),
+        _batches(loaded_url),
         TTL,
         CLIENT_TIMEOUT,
     )
@@ -854,10 +859,10 @@ def test_answers_through_a_warmed_cluster_cache_are_identical_to_answers_without
     redis_cluster: str, loaded_url: str, data_dir: Path, requests: list[dict]
 ) -> None:
     cached = _cached_recommender(data_dir, loaded_url, redis_cluster)
-    batches = iter_user_features(loaded_url, BATCH_SIZE, _users_table(loaded_url))
+    batches = _batches(loaded_url)
     warm(redis_cluster, cached.store.load_id, batches, TTL, CLIENT_TIMEOUT)
 
-    answers = answer_all(cached, requests)
+    answers = answer_rows(cached, requests)
 
     assert cached.store.misses == 0
     assert _mismatches(answers, _uncached_answers(data_dir, loaded_url, requests)) == []

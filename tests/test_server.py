@@ -7,7 +7,6 @@ import os
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -18,6 +17,7 @@ import pytest
 from conftest import SMALL, Server, local_client, running_server, start_server
 from prometheus_client.parser import text_string_to_metric_families
 
+from recommender.bench.server import worker_pids
 from recommender.contract import render
 from recommender.dataset.generate import generate
 from recommender.ranking import Query
@@ -46,13 +46,7 @@ def server(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
 
 
 def _worker_pids(server: Server) -> set[int]:
-    listing = subprocess.run(
-        ["ps", "-o", "pid=", "--ppid", str(server.process.pid)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    return {int(pid) for pid in listing.stdout.split()}
+    return worker_pids(server.process.pid)
 
 
 def _expected(recommender: Recommender, user_id: str, query: Query) -> bytes:

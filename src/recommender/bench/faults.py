@@ -50,14 +50,14 @@ from sqlalchemy.engine import make_url
 
 from recommender.bench.load import request_paths
 from recommender.bench.proxy import TcpProxy, through_proxy
-from recommender.bench.server import ServerProcess
+from recommender.bench.server import ServerProcess, worker_pids
 from recommender.bench.services import RedisProcess, free_port, private_schema
 from recommender.contract import parse_query, render
 from recommender.dataset.generate import generate
 from recommender.dataset.reader import MODEL_FILE, RESTAURANT_FILE, USER_FILE, count_rows
 from recommender.postgres.load import load_database
 from recommender.postgres.schema import libpq_url, safe_url
-from recommender.service import load_recommender
+from recommender.service import Recommender, load_recommender
 from recommender.settings import Settings
 
 # Outcomes that are not an answer.
@@ -305,23 +305,6 @@ def failures_of(counts: Mapping[str, int], accepted: Sequence[str]) -> int:
 
 
 # Processes and connections, from /proc --------------------------------------------------------
-
-
-def worker_pids(master_pid: int) -> set[int]:
-    """The live (not zombie) child processes of ``master_pid``: Gunicorn's workers."""
-    children = set()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        # The command name may hold spaces and parentheses; the fields after it do not.
-        state, parent = stat[stat.rindex(")") + 2 :].split()[:2]
-        if int(parent) == master_pid and state not in "ZX":
-            children.add(int(entry.name))
-    return children
 
 
 @dataclass(frozen=True)
@@ -1170,13 +1153,21 @@ def _two_data_sets(
 def answers_in_process(data_dir: Path, rows: list[dict], prepared_dir: Path) -> list[bytes]:
     """The rendered answer to each request row, computed in this process from ``data_dir``."""
     recommender = load_recommender(Settings(data_dir=data_dir, prepared_dir=prepared_dir))
-    limits = recommender.limits
+    return answer_rows(recommender, rows)
+
+
+def answer_rows(recommender: Recommender, rows: list[dict]) -> list[bytes]:
+    """The rendered answer to each request row, with the recommender's store opened once."""
 
     async def answer_every_row() -> list[bytes]:
         await recommender.store.open()
         try:
             return [
-                render(await recommender.recommend(row["user_id"], parse_query(row, limits)))
+                render(
+                    await recommender.recommend(
+                        row["user_id"], parse_query(row, recommender.limits)
+                    )
+                )
                 for row in rows
             ]
         finally:

@@ -3,13 +3,13 @@
 import json
 import os
 import platform
-import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from recommender.bench.load import LoadResult, request_paths, run_open_loop, run_wrk
 from recommender.bench.server import ServerProcess
+from recommender.bench.services import free_port
 from recommender.bench.soak import (
     SOAK_RATE,
     WARM_UP_SECONDS,
@@ -68,7 +68,7 @@ def run(plan: BenchPlan, progress: Callable[[str], None]) -> dict:
             _measure(scenario, plan.url, plan, paths, paths_file, progress)
             continue
         log = plan.out / f"server-{scenario.name}.log"
-        with ServerProcess(_free_port(), scenario.options, log) as server:
+        with ServerProcess(free_port(), scenario.options, log) as server:
             scenario.ready_seconds = round(server.ready_seconds, 2)
             if scenario.name == SOAK:
                 _soak(scenario, server, plan, paths, progress)
@@ -179,9 +179,3 @@ def _machine() -> dict:
         "python": platform.python_version(),
         "system": platform.platform(),
     }
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]

@@ -57,7 +57,7 @@ class ServerProcess:
     def worker_pids(self) -> list[int]:
         """The master's children, the Gunicorn workers; empty once the master is gone."""
         try:
-            return _children(self.process.pid)
+            return sorted(worker_pids(self.process.pid))
         except (FileNotFoundError, ProcessLookupError):
             return []
 
@@ -83,6 +83,23 @@ def process_usage(pid: int) -> dict[str, float] | None:
         # utime and stime, fields 14 and 15 of stat; pid and name (fields 1 and 2) are cut off.
         "cpu_seconds": (int(fields[11]) + int(fields[12])) / ticks,
     }
+
+
+def worker_pids(master_pid: int) -> set[int]:
+    """The live (not zombie) child processes of ``master_pid``: Gunicorn's workers."""
+    children = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # The command name may hold spaces and parentheses; the fields after it do not.
+        state, parent = stat[stat.rindex(")") + 2 :].split()[:2]
+        if int(parent) == master_pid and state not in "ZX":
+            children.add(int(entry.name))
+    return children
 
 
 def _children(pid: int) -> list[int]:
