@@ -27,7 +27,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 METRICS_CONTENT_TYPE = CONTENT_TYPE_LATEST
 MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"
-REQUEST_ID_HEADER = "X-Request-ID"
+_REQUEST_ID_HEADER = b"x-request-id"
 # A client's id is echoed into logs and headers, so only short ids of harmless characters are
 # taken; anything else is replaced by a fresh one.
 _CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
@@ -167,7 +167,7 @@ class ObserveRequests:
             nonlocal status, status_sent
             if message["type"] == "http.response.start":
                 status, status_sent = message["status"], True
-                extra = [(b"x-request-id", request_id.encode()), *self.headers]
+                extra = [(_REQUEST_ID_HEADER, request_id.encode()), *self.headers]
                 message["headers"] = [*message.get("headers", []), *extra]
             await send(message)
 
@@ -234,7 +234,7 @@ def _route_template(scope: Scope) -> str:
 
 def _request_id(scope: Scope) -> str:
     for name, value in scope["headers"]:
-        if name == b"x-request-id":
+        if name == _REQUEST_ID_HEADER:
             given = value.decode("latin-1")
             if _CLIENT_REQUEST_ID.fullmatch(given):
                 return given
